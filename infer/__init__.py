@@ -1,0 +1,1 @@
+"""lmjax inference: kernels, decoding, sampling and caching for trained models."""

@@ -1,0 +1,33 @@
+"""lmjax: functional Flax (linen) transformers for the whole life of a language model."""
+
+from lmjax.attention_ops import (
+    SegmentIds,
+    get_attention,
+    reference_attention,
+    register_attention,
+)
+from lmjax.cache import KVCache, init_cache
+from lmjax.config import PRESETS, TransformerConfig
+from lmjax.counting import count_params, flops_per_token, model_for
+from lmjax.sharding import LOGICAL_RULES, init_sharded, make_mesh
+from lmjax.transformer import CausalLM, MaskedLM, Seq2SeqLM
+
+__all__ = [
+    "LOGICAL_RULES",
+    "PRESETS",
+    "CausalLM",
+    "KVCache",
+    "MaskedLM",
+    "SegmentIds",
+    "Seq2SeqLM",
+    "TransformerConfig",
+    "count_params",
+    "flops_per_token",
+    "get_attention",
+    "init_cache",
+    "init_sharded",
+    "make_mesh",
+    "model_for",
+    "reference_attention",
+    "register_attention",
+]

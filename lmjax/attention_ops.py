@@ -1,0 +1,142 @@
+"""Attention as a pure function: the reference every kernel is checked against.
+
+Scaled dot-product attention (Vaswani et al., 2017, "Attention Is All You Need") with grouped
+kv heads (Ainslie et al., 2023, "GQA"). Shapes use the alphabet of `lmjax.layers`: q is
+`[B, T, N, H]`, k and v are `[B, S, K, H]`, and query head n reads kv head `n // (N // K)`.
+
+Every attention function the model can be given (this one, or the Pallas kernel in
+`infer.flash_attention`) has the signature of `reference_attention`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class SegmentIds(NamedTuple):
+  """Segment ids of queries `[B, T]` and keys `[B, S]`; a token sees only its own segment."""
+
+  q: Array
+  kv: Array
+
+
+def as_segment_ids(segment_ids, t: int, s: int) -> SegmentIds | None:
+  """Normalizes `segment_ids` (None, a `[B, T]` array when T == S, or SegmentIds)."""
+  if segment_ids is None or isinstance(segment_ids, SegmentIds):
+    return segment_ids
+  if t != s:
+    raise ValueError(
+        f"segment_ids as one array needs T == S (got T={t}, S={s}); pass "
+        "SegmentIds(q=[B, T], kv=[B, S]) for attention across different lengths")
+  return SegmentIds(segment_ids, segment_ids)
+
+
+def check_shapes(q: Array, k: Array, v: Array) -> tuple[int, int, int, int, int, int]:
+  """Checks q `[B, T, N, H]`, k and v `[B, S, K, H]`; returns (B, T, S, N, K, H)."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(
+        f"q, k, v must be rank 4 ([B, T, N, H] and [B, S, K, H]); got q{q.shape}, "
+        f"k{k.shape}, v{v.shape}")
+  b, t, n, h = q.shape
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape; got k{k.shape}, v{v.shape}")
+  bk, s, kh, hk = k.shape
+  if bk != b:
+    raise ValueError(f"q and k disagree on batch: q{q.shape}, k{k.shape}")
+  if hk != h:
+    raise ValueError(f"q and k disagree on head dim H: q{q.shape}, k{k.shape}")
+  if n % kh:
+    raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kh}")
+  return b, t, s, n, kh, h
+
+
+def attention_mask(
+    b: int, t: int, s: int, *, causal: bool, segment_ids: SegmentIds | None,
+    mask: Array | None = None,
+) -> Array | None:
+  """Boolean `[B, T, S]` mask (True = attend), or None when nothing is masked.
+
+  Causal: query i sees key j iff j <= i + (S - T), so with T < S the queries are the newest T.
+  """
+  out = None
+  if causal:
+    qi = jnp.arange(t)[:, None] + (s - t)
+    kj = jnp.arange(s)[None, :]
+    out = jnp.broadcast_to(kj <= qi, (b, t, s))
+  if segment_ids is not None:
+    seg = segment_ids.q[:, :, None] == segment_ids.kv[:, None, :]
+    out = seg if out is None else out & seg
+  if mask is not None:
+    out = mask if out is None else out & mask
+  return out
+
+
+def reference_attention(
+    q: Array, k: Array, v: Array, *, causal: bool = False, segment_ids=None,
+    sm_scale: float | None = None, mask: Array | None = None, dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+) -> Array:
+  """Plain-jnp multi-head attention with GQA/MQA, causal and segment masks.
+
+  Scores and softmax are computed in float32; rows with no visible key give zeros.
+
+  Args:
+    q: queries `[B, T, N, H]`.
+    k: keys `[B, S, K, H]`, with N a multiple of K.
+    v: values `[B, S, K, H]`.
+    causal: query i sees key j iff j <= i + S - T.
+    segment_ids: None, a `[B, T]` int array (needs T == S), or `SegmentIds(q, kv)`.
+    sm_scale: score scale; default `1 / sqrt(H)`.
+    mask: optional extra boolean `[B, T, S]` (True = attend). Kernels do not take it; the model
+      passes it only on the decode-against-cache path.
+    dropout_rate: dropout on the attention probabilities (training only; needs dropout_rng).
+    dropout_rng: the PRNG key for that dropout.
+
+  Returns:
+    `[B, T, N, H]` in q's dtype.
+  """
+  b, t, s, n, kh, h = check_shapes(q, k, v)
+  segment_ids = as_segment_ids(segment_ids, t, s)
+  scale = (1.0 / h**0.5) if sm_scale is None else sm_scale
+  g = n // kh
+  qg = q.reshape(b, t, kh, g, h)
+  scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+  scores = scores.astype(jnp.float32) * scale
+  m = attention_mask(b, t, s, causal=causal, segment_ids=segment_ids, mask=mask)
+  if m is not None:
+    m = m[:, None, None, :, :]
+    scores = jnp.where(m, scores, -jnp.inf)
+  row_max = jnp.max(scores, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  p = jnp.exp(scores - jax.lax.stop_gradient(row_max))
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(denom == 0.0, 1.0, denom)
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, p.shape)
+    p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+_ATTENTION_FNS: dict[str, object] = {"reference": reference_attention}
+
+
+def register_attention(name: str, fn) -> None:
+  """Makes `fn` (with `reference_attention`'s signature) selectable as `attention=name`."""
+  _ATTENTION_FNS[name] = fn
+
+
+def get_attention(name: str):
+  """The attention function registered under `name`."""
+  if name not in _ATTENTION_FNS:
+    hint = (" (import infer.flash_attention to register it; train and infer do so when a "
+            "config names it)" if name == "flash" else "")
+    raise ValueError(
+        f"attention={name!r} is not registered{hint}; registered: {sorted(_ATTENTION_FNS)}")
+  return _ATTENTION_FNS[name]

@@ -1,0 +1,80 @@
+"""Token embeddings (with the tied output projection) and position encodings.
+
+Sinusoidal and learned positions follow Vaswani et al., 2017; rotary positions follow
+Su et al., 2021, "RoFormer", in the half-split layout of GPT-NeoX / Hugging Face Llama
+(pair i of a head is dims (i, i + H/2)).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmjax.config import TransformerConfig
+from lmjax.layers import DEFAULT_KERNEL_INIT, dtype_of, param
+
+Array = jax.Array
+
+
+class TokenEmbedding(nn.Module):
+  """Looks up `[B, T]` ids as `[B, T, D]`; `attend` is the tied output projection to `[B, T, V]`."""
+
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = param(self, "embedding", DEFAULT_KERNEL_INIT, (cfg.vocab_size, cfg.model_dim),
+                           ("vocab", "embed"), dtype_of(cfg.param_dtype))
+
+  def __call__(self, ids: Array) -> Array:
+    x = jnp.take(self.embedding, ids, axis=0).astype(dtype_of(self.config.dtype))
+    if self.config.scale_embeddings:
+      x = x * jnp.sqrt(jnp.asarray(self.config.model_dim, x.dtype))
+    return x
+
+  def attend(self, x: Array) -> Array:
+    """Float32 logits `[B, T, V]` from hidden states `[B, T, D]`."""
+    w = self.embedding.astype(x.dtype)
+    return jnp.einsum("BTD,VD->BTV", x, w, preferred_element_type=jnp.float32)
+
+
+def sinusoidal(positions: Array, dim: int, max_timescale: float = 10_000.0) -> Array:
+  """Fixed sine/cosine encodings `[B, T, D]` of integer positions `[B, T]` (Vaswani 2017)."""
+  half = dim // 2
+  inv = jnp.exp(-jnp.log(max_timescale) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[..., None] * inv.reshape((1,) * positions.ndim + (-1,))
+  enc = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  if dim % 2:
+    enc = jnp.pad(enc, [(0, 0)] * (enc.ndim - 1) + [(0, 1)])
+  return enc
+
+
+class LearnedPositions(nn.Module):
+  """A learned table `[max_len, D]` indexed by positions `[B, T]`."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, positions: Array) -> Array:
+    cfg = self.config
+    table = param(self, "embedding", DEFAULT_KERNEL_INIT, (cfg.max_len, cfg.model_dim),
+                  (None, "embed"), dtype_of(cfg.param_dtype))
+    return jnp.take(table, positions, axis=0).astype(dtype_of(cfg.dtype))
+
+
+def apply_rotary(x: Array, positions: Array, theta: float) -> Array:
+  """Rotates `[B, T, N, H]` queries or keys by their positions `[B, T]` (RoFormer, half-split).
+
+  The rotation is computed in float32 and cast back, so attention scores depend on the
+  difference of positions only.
+  """
+  h = x.shape[-1]
+  half = h // 2
+  inv = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / h))
+  angles = positions.astype(jnp.float32)[:, :, None, None] * inv[None, None, None, :]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  xf = x.astype(jnp.float32)
+  x1, x2 = xf[..., :half], xf[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)

@@ -1,0 +1,132 @@
+"""Building blocks: the shape alphabet, einsum projections, norms, and feed-forward layers.
+
+Shape alphabet, used in every einsum string and docstring of the library:
+
+  B batch          T query length      S key length        D model width
+  N query heads    K kv heads          H head dim          F feed-forward width
+  V vocab          L layers            G query heads per kv head (N // K)
+
+Every parameter is created with logical axis names (`nn.with_logical_partitioning`); the
+rules that map them onto mesh axes live in `lmjax.sharding`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmjax.config import TransformerConfig
+
+Array = jax.Array
+
+# Initializers, as in GPT-2 / BERT: normal(0.02) for matrices, zeros for biases, ones for scales.
+DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+def param(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str | None],
+          dtype) -> Array:
+  """Creates a parameter tagged with logical axis names (one per dimension)."""
+  if len(axes) != len(shape):
+    raise ValueError(f"{name}: {len(axes)} axis names for shape {tuple(shape)}")
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+class Einsum(nn.Module):
+  """A projection written as an einsum, e.g. `"BTD,DNH->BTNH"`, with an optional bias.
+
+  Attributes:
+    shape: the weight's shape.
+    axes: the weight's logical axis names.
+    eqn: the einsum from (input, weight) to output.
+    bias_axes: when set, a bias over the output's trailing dims with these names.
+  """
+
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  eqn: str
+  bias_axes: tuple[str | None, ...] | None = None
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  kernel_init: nn.initializers.Initializer = DEFAULT_KERNEL_INIT
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    w = param(self, "kernel", self.kernel_init, self.shape, self.axes, dtype_of(self.param_dtype))
+    dtype = dtype_of(self.dtype)
+    y = jnp.einsum(self.eqn, x.astype(dtype), w.astype(dtype))
+    if self.bias_axes is not None:
+      bshape = y.shape[-len(self.bias_axes):]
+      b = param(self, "bias", nn.initializers.zeros_init(), bshape, self.bias_axes,
+                dtype_of(self.param_dtype))
+      y = y + b.astype(dtype).reshape((1,) * (y.ndim - b.ndim) + b.shape)
+    return y
+
+
+class Norm(nn.Module):
+  """LayerNorm (Ba et al., 2016) or RMSNorm (Zhang & Sennrich, 2019), statistics in float32."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    pdt = dtype_of(cfg.param_dtype)
+    xf = x.astype(jnp.float32)
+    if cfg.norm == "rmsnorm":
+      y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
+    else:
+      mean = jnp.mean(xf, axis=-1, keepdims=True)
+      var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+      y = (xf - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+    scale = param(self, "scale", nn.initializers.ones_init(), (x.shape[-1],), ("norm",), pdt)
+    lead = (1,) * (x.ndim - 1)
+    y = y * scale.astype(jnp.float32).reshape(lead + scale.shape)
+    if cfg.norm == "layernorm" and cfg.use_bias:
+      bias = param(self, "bias", nn.initializers.zeros_init(), (x.shape[-1],), ("norm",), pdt)
+      y = y + bias.astype(jnp.float32).reshape(lead + bias.shape)
+    return y.astype(dtype_of(cfg.dtype))
+
+
+def activation_fn(name: str):
+  """The elementwise nonlinearity of an activation name (the gate's, for gated ones)."""
+  return {
+      "relu": jax.nn.relu,
+      "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+      "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+      "silu": jax.nn.silu,
+      "swiglu": jax.nn.silu,
+      "geglu": lambda x: jax.nn.gelu(x, approximate=True),
+  }[name]
+
+
+class FeedForward(nn.Module):
+  """Position-wise feed-forward: `act(x W1) W2`, or gated `(act(x Wg) * x Wu) W2`.
+
+  GLU variants (SwiGLU, GeGLU) follow Shazeer, 2020, "GLU Variants Improve Transformer".
+  """
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False) -> Array:
+    cfg = self.config
+    d, f = cfg.model_dim, cfg.ffn_dim
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    bias = ("mlp",) if cfg.use_bias else None
+    act = activation_fn(cfg.activation)
+    if cfg.gated:
+      gate = Einsum((d, f), ("embed", "mlp"), "BTD,DF->BTF", bias, name="wi_gate", **kw)(x)
+      up = Einsum((d, f), ("embed", "mlp"), "BTD,DF->BTF", bias, name="wi_up", **kw)(x)
+      h = act(gate) * up
+    else:
+      h = act(Einsum((d, f), ("embed", "mlp"), "BTD,DF->BTF", bias, name="wi", **kw)(x))
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=not train)
+    out_bias = ("embed",) if cfg.use_bias else None
+    return Einsum((f, d), ("mlp", "embed"), "BTF,FD->BTD", out_bias, name="wo", **kw)(h)

@@ -1,0 +1,120 @@
+"""The reference attention against float64 numpy; GQA against MHA; rotary is relative."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lmjax
+from lmjax.attention_ops import SegmentIds, reference_attention
+from lmjax.embeddings import apply_rotary
+from tests.lmjax.helpers import init, tiny, tokens
+
+
+def numpy_attention(q, k, v, causal, qseg=None, kvseg=None):
+  """Loops over heads in float64, the most literal form of softmax(q k^T / sqrt(H)) v."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  out = np.zeros((b, t, n, h))
+  for bi in range(b):
+    for ni in range(n):
+      kv = ni // (n // kh)
+      sc = q[bi, :, ni] @ k[bi, :, kv].T / np.sqrt(h)
+      ok = np.ones((t, s), bool)
+      if causal:
+        ok &= np.arange(s)[None, :] <= np.arange(t)[:, None] + (s - t)
+      if qseg is not None:
+        ok &= np.asarray(qseg)[bi][:, None] == np.asarray(kvseg)[bi][None, :]
+      sc = np.where(ok, sc, -np.inf)
+      for ti in range(t):
+        if not ok[ti].any():
+          continue
+        p = np.exp(sc[ti] - sc[ti].max())
+        out[bi, ti, ni] = (p / p.sum()) @ v[bi, :, kv]
+  return out
+
+
+@pytest.mark.parametrize("t,s,n,kh,causal,seg", [
+    (8, 8, 4, 4, True, False), (5, 9, 4, 2, True, False), (7, 7, 6, 1, False, True),
+    (6, 6, 4, 2, True, True), (3, 11, 2, 2, False, False)])
+def test_reference_attention_matches_float64(t, s, n, kh, causal, seg):
+  ks = jax.random.split(jax.random.key(0), 5)
+  q = jax.random.normal(ks[0], (2, t, n, 8))
+  k = jax.random.normal(ks[1], (2, s, kh, 8))
+  v = jax.random.normal(ks[2], (2, s, kh, 8))
+  segs = None
+  qseg = kvseg = None
+  if seg:
+    qseg = jax.random.randint(ks[3], (2, t), 0, 3)
+    kvseg = jax.random.randint(ks[4], (2, s), 0, 3)
+    segs = SegmentIds(qseg, kvseg)
+  got = reference_attention(q, k, v, causal=causal, segment_ids=segs)
+  want = numpy_attention(q, k, v, causal, qseg, kvseg)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_fully_masked_rows_are_zero_not_nan():
+  q = jnp.ones((1, 2, 2, 4))
+  k = v = jnp.ones((1, 3, 2, 4))
+  segs = SegmentIds(jnp.array([[1, 5]]), jnp.array([[1, 1, 2]]))
+  out = reference_attention(q, k, v, segment_ids=segs)
+  grads = jax.grad(lambda q, k, v: reference_attention(q, k, v, segment_ids=segs).sum(),
+                   argnums=(0, 1, 2))(q, k, v)
+  assert np.all(np.asarray(out[0, 1]) == 0)
+  assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+def test_attention_shape_errors():
+  with pytest.raises(ValueError, match="multiple of kv heads"):
+    reference_attention(jnp.ones((1, 2, 3, 4)), jnp.ones((1, 2, 2, 4)), jnp.ones((1, 2, 2, 4)))
+  with pytest.raises(ValueError, match="head dim"):
+    reference_attention(jnp.ones((1, 2, 2, 4)), jnp.ones((1, 2, 2, 8)), jnp.ones((1, 2, 2, 8)))
+  with pytest.raises(ValueError, match="needs T == S"):
+    reference_attention(jnp.ones((1, 2, 2, 4)), jnp.ones((1, 3, 2, 4)), jnp.ones((1, 3, 2, 4)),
+                        segment_ids=jnp.ones((1, 2), jnp.int32))
+  with pytest.raises(ValueError, match="not registered"):
+    lmjax.get_attention("flashy")
+
+
+def test_gqa_equals_mha_with_repeated_kv_weights():
+  """A GQA model equals an MHA model whose k/v kernels repeat each kv head for its group."""
+  gqa_cfg = tiny(num_heads=4, num_kv_heads=2)
+  mha_cfg = tiny(num_heads=4, num_kv_heads=4)
+  x = tokens(1, 2, 10)
+  gqa, p = init(gqa_cfg, x)
+  mha = lmjax.CausalLM(mha_cfg)
+
+  def repeat(tree):
+    out = {}
+    for key, val in tree.items():
+      if isinstance(val, dict):
+        out[key] = repeat(val)
+      else:
+        out[key] = val
+    for name in ("key", "value"):
+      if name in out and "kernel" in out[name]:
+        out[name] = {"kernel": jnp.repeat(out[name]["kernel"], 2, axis=-2)}
+    return out
+
+  np.testing.assert_allclose(mha.apply({"params": repeat(p)}, x), gqa.apply({"params": p}, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+  ks = jax.random.split(jax.random.key(3), 2)
+  q = jax.random.normal(ks[0], (1, 1, 1, 16))
+  k = jax.random.normal(ks[1], (1, 1, 1, 16))
+
+  def score(pq, pk):
+    rq = apply_rotary(q, jnp.array([[pq]]), 10_000.0)
+    rk = apply_rotary(k, jnp.array([[pk]]), 10_000.0)
+    return float(jnp.sum(rq * rk))
+
+  base = score(5, 2)
+  for shift in (1, 17, 300):
+    np.testing.assert_allclose(score(5 + shift, 2 + shift), base, rtol=1e-4)
+  assert abs(score(5, 3) - base) > 1e-3  # and it does depend on the offset
+  # The rotation keeps norms (a rotation in each (i, i + H/2) plane).
+  np.testing.assert_allclose(jnp.linalg.norm(apply_rotary(q, jnp.array([[9]]), 1e4)),
+                             jnp.linalg.norm(q), rtol=1e-5)

@@ -1,0 +1,1 @@
+"""lmjax training: data pipelines, the trainer, objectives and the command-line jobs."""

@@ -55,7 +55,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
   if int(np.prod(sizes)) != len(devices) or min(sizes) <= 0:
     raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
                      f"{int(np.prod(sizes))} devices; there are {len(devices)}")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices)
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)  # classic jit/pjit propagation
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
 
 
 def _fits(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:

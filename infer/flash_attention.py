@@ -1,0 +1,262 @@
+"""Flash attention: a Pallas kernel (TPU and GPU), forward and backward, beside a jnp reference.
+
+Exact softmax attention computed tile by tile with the online-softmax recurrence of FlashAttention
+(Dao et al., 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness"),
+with the loop order and work split of FlashAttention-2 (Dao, 2023, "FlashAttention-2: Faster
+Attention with Better Parallelism and Work Partitioning"): the forward keeps a query block on chip
+and streams key/value blocks past it, saving only the per-row log-sum-exp; the backward
+(`jax.custom_vjp`) recomputes the probabilities from that log-sum-exp in a dq kernel and a dk/dv
+kernel, so no T x S matrix is ever stored.
+
+`flash_attention` has the signature of `lmjax.attention_ops.reference_attention` (minus `mask`),
+so it is itself the attention function the model takes by injection. The reference is re-exported
+here as `reference_attention`; tests compare the kernels against it. Importing this module
+registers it as `attention="flash"` for `lmjax.TransformerConfig`.
+
+Backends: `flash_tpu` (Mosaic TPU) and `flash_gpu` (the Triton lowering; its docstring says why
+not Mosaic GPU). The platform picks one; on the CPU, the reference runs unless `interpret=True`
+asks for a kernel to run in the Pallas interpreter (`backend=` picks which).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from infer import flash_common, flash_gpu, flash_tpu
+from lmjax.attention_ops import (
+    SegmentIds,
+    as_segment_ids,
+    check_shapes,
+    reference_attention,
+    register_attention,
+)
+
+__all__ = ["BlockSizes", "SegmentIds", "flash_attention", "reference_attention"]
+
+Array = jax.Array
+_BACKENDS = {"tpu": flash_tpu, "gpu": flash_gpu}
+_DTYPES = {"tpu": ("float32", "bfloat16"), "gpu": ("float32", "bfloat16", "float16")}
+_MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes (sequence positions per block); None takes the backend's default.
+
+  Blocks larger than the (padded) sequence shrink to it. On the GPU every block must be a power
+  of two (Triton tiles); on TPU hardware a multiple of 128 or the whole padded length.
+
+  Attributes:
+    block_q, block_k: forward query and key blocks.
+    block_q_dkv, block_k_dkv: query and key blocks of the dk/dv kernel.
+    block_q_dq, block_k_dq: query and key blocks of the dq kernel.
+  """
+
+  block_q: int | None = None
+  block_k: int | None = None
+  block_q_dkv: int | None = None
+  block_k_dkv: int | None = None
+  block_q_dq: int | None = None
+  block_k_dq: int | None = None
+
+  @classmethod
+  def uniform(cls, size: int) -> BlockSizes:
+    """The same block everywhere (handy in tests: `BlockSizes.uniform(16)`)."""
+    return cls(size, size, size, size, size, size)
+
+
+# Untuned starting points (no hardware measurement yet; see benchmarks/flash_attention.py).
+_DEFAULT_BLOCKS = {
+    "tpu": BlockSizes(512, 512, 256, 512, 512, 256),
+    "gpu": BlockSizes(128, 64, 64, 64, 64, 64),
+}
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(x - 1, 0).bit_length()
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _fit_blocks(blocks: list[int], length: int) -> tuple[list[int], int]:
+  """Shrinks blocks to the sequence and returns them with the padded length they all divide."""
+  cap = _next_pow2(max(length, 16))
+  blocks = [min(b, cap) for b in blocks]
+  return blocks, _round_up(length, math.lcm(*blocks))
+
+
+def _resolve_backend(backend: str | None, interpret) -> tuple[str, object]:
+  """Returns (kernel family or "reference", interpret value for pallas_call)."""
+  if backend is not None and backend not in ("tpu", "gpu", "reference"):
+    raise ValueError(f"backend must be None, 'tpu', 'gpu' or 'reference'; got {backend!r}")
+  if backend == "reference":
+    return "reference", False
+  platform = jax.default_backend()
+  on_device = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform)
+  if interpret is None:
+    if on_device is None:
+      return "reference", False  # A CPU user gets the plain-jnp attention.
+    interpret = False
+  if not interpret:
+    if on_device is None:
+      raise ValueError(
+          f"interpret=False needs a TPU or GPU, but the default backend is {platform!r}; pass "
+          "interpret=True to run the kernel in the Pallas interpreter, or leave it None")
+    if backend is not None and backend != on_device:
+      raise ValueError(
+          f"backend={backend!r} cannot be compiled on {platform!r}; pass interpret=True to "
+          "interpret it")
+    return on_device, False
+  kind = backend or on_device or "tpu"
+  if interpret is not True and kind != "tpu":
+    raise ValueError(f"interpret={interpret!r} is for the TPU kernel; pass interpret=True for the "
+                     f"{kind} kernel")
+  return kind, interpret
+
+
+def _check_inputs(q, k, v, segment_ids, sm_scale, kind: str):
+  b, t, s, n, kh, h = check_shapes(q, k, v)
+  if q.dtype != k.dtype or q.dtype != v.dtype:
+    raise ValueError(
+        f"q, k, v must share a dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+  allowed = _DTYPES.get(kind, ("float32", "bfloat16", "float16"))
+  if jnp.dtype(q.dtype).name not in allowed:
+    raise ValueError(f"q dtype {q.dtype} is not supported by the {kind} kernel; use one of "
+                     f"{', '.join(allowed)}")
+  if not 8 <= h <= _MAX_HEAD_DIM or h % 8:
+    raise ValueError(
+        f"head dim H={h} (last axis of q, k, v) is not supported: it must be a multiple of 8 "
+        f"between 8 and {_MAX_HEAD_DIM}")
+  if min(t, s) == 0:
+    raise ValueError(f"q and k need at least one position; got T={t}, S={s}")
+  if sm_scale is not None and not isinstance(sm_scale, numbers.Real):
+    raise ValueError(f"sm_scale must be a Python number (static); got {type(sm_scale)}")
+  seg = as_segment_ids(segment_ids, t, s)
+  if seg is not None:
+    for name, ids, length in (("segment_ids.q", seg.q, t), ("segment_ids.kv", seg.kv, s)):
+      if ids.shape != (b, length):
+        raise ValueError(f"{name} must have shape {(b, length)}; got {ids.shape}")
+      if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{name} must be integers; got {ids.dtype}")
+  return (b, t, s, n, kh, h), seg
+
+
+def _make_plan(kind, interpret, causal, scale, t, s, n, kh, block_sizes) -> flash_common.Plan:
+  if block_sizes is None:
+    block_sizes = BlockSizes()
+  if not isinstance(block_sizes, BlockSizes):
+    raise ValueError(f"block_sizes must be a BlockSizes or None; got {type(block_sizes)}")
+  default = _DEFAULT_BLOCKS[kind]
+  sizes = {}
+  for f in dataclasses.fields(BlockSizes):
+    size = getattr(block_sizes, f.name)
+    sizes[f.name] = getattr(default, f.name) if size is None else size
+  for name, size in sizes.items():
+    if not isinstance(size, int) or size < 1:
+      raise ValueError(f"block_sizes.{name} must be a positive int; got {size!r}")
+    if kind == "gpu" and (size < 16 or size & (size - 1)):
+      raise ValueError(f"block_sizes.{name}={size}: GPU blocks must be powers of two >= 16")
+  (bq, bqk, bqd), t_pad = _fit_blocks(
+      [sizes["block_q"], sizes["block_q_dkv"], sizes["block_q_dq"]], t)
+  (bk, bkk, bkd), s_pad = _fit_blocks(
+      [sizes["block_k"], sizes["block_k_dkv"], sizes["block_k_dq"]], s)
+  if kind == "tpu" and not interpret:
+    for name, size, full in (("block_q", bq, t_pad), ("block_q_dkv", bqk, t_pad),
+                             ("block_q_dq", bqd, t_pad), ("block_k", bk, s_pad),
+                             ("block_k_dkv", bkk, s_pad), ("block_k_dq", bkd, s_pad)):
+      if size % flash_common.LANES and size != full:
+        raise ValueError(f"block_sizes.{name}={size}: TPU blocks must be multiples of 128 "
+                         "(or cover the whole sequence)")
+  return flash_common.Plan(
+      backend=kind, interpret=interpret, causal=bool(causal), scale=float(scale), t=t, s=s,
+      t_pad=t_pad, s_pad=s_pad, groups=n // kh, block_q=bq, block_k=bk, block_q_dkv=bqk,
+      block_k_dkv=bkk, block_q_dq=bqd, block_k_dq=bkd)
+
+
+def flash_attention(
+    q: Array, k: Array, v: Array, *, causal: bool = False, segment_ids=None,
+    sm_scale: float | None = None, block_sizes: BlockSizes | None = None, interpret=None,
+    backend: str | None = None,
+) -> Array:
+  """Multi-head attention (MHA, GQA, MQA) by a tiled Pallas kernel; differentiable.
+
+  Same contract as `reference_attention`: softmax over keys in float32, rows with no visible key
+  give zeros (and zero gradients). Lengths need not be multiples of the blocks: the wrapper pads
+  and the kernels mask the padding.
+
+  Args:
+    q: queries `[B, T, N, H]`, float32 or bfloat16 (also float16 on GPU).
+    k: keys `[B, S, K, H]`, same dtype; N must be a multiple of K (query head n reads kv head
+      `n // (N // K)`). H a multiple of 8, at most 256.
+    v: values `[B, S, K, H]`.
+    causal: query i sees key j iff j <= i + S - T (with T < S the queries are the newest T, as in
+      prefill against a cache). Key blocks above the diagonal are skipped, not only masked.
+    segment_ids: None, a `[B, T]` int array (needs T == S) or `SegmentIds(q=[B, T], kv=[B, S])`;
+      a query sees only keys of its own segment (packed sequences).
+    sm_scale: score scale, a Python number; default `1 / sqrt(H)`.
+    block_sizes: `BlockSizes` tiles; None uses the backend's defaults.
+    interpret: None (kernel on TPU/GPU, reference on CPU), False (kernel; needs a TPU or GPU),
+      True (run the kernel in the generic Pallas interpreter, on any platform), or
+      `pallas.tpu.InterpretParams()` (the TPU kernel in the TPU-faithful interpreter, which also
+      poisons uninitialized scratch and checks out-of-bounds reads).
+    backend: None (from the platform), "tpu" or "gpu" (which kernel; other than the platform's
+      only with `interpret`), or "reference".
+
+  Returns:
+    `[B, T, N, H]` in q's dtype.
+
+  Raises:
+    ValueError: shapes that disagree, N not a multiple of K, unsupported dtype or head dim,
+      malformed segment ids or block sizes, or a kernel that cannot run on this platform.
+  """
+  kind, interp = _resolve_backend(backend, interpret)
+  (b, t, s, n, kh, h), seg = _check_inputs(q, k, v, segment_ids, sm_scale, kind)
+  if kind == "reference":
+    return reference_attention(q, k, v, causal=causal, segment_ids=seg, sm_scale=sm_scale)
+  scale = (1.0 / h**0.5) if sm_scale is None else sm_scale
+  plan = _make_plan(kind, interp, causal, scale, t, s, n, kh, block_sizes)
+  h_pad = max(16, _next_pow2(h)) if kind == "gpu" else h  # Triton: power-of-two tiles, K >= 16
+
+  def pad(x, length, to):
+    return jnp.pad(x, [(0, 0), (0, to - length), (0, 0), (0, h_pad - h)])
+
+  qp, kp, vp = pad(q, t, plan.t_pad), pad(k, s, plan.s_pad), pad(v, s, plan.s_pad)
+  seg_p = None
+  if seg is not None:
+    seg_p = (jnp.pad(seg.q.astype(jnp.int32), [(0, 0), (0, plan.t_pad - t)]),
+             jnp.pad(seg.kv.astype(jnp.int32), [(0, 0), (0, plan.s_pad - s)]))
+  out = _flash(qp, kp, vp, seg_p, plan)
+  return out[:, :t, :, :h]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, seg, plan):
+  """Attention on padded arrays; `seg` is None or (q ids, kv ids); `plan` is static."""
+  return _BACKENDS[plan.backend].forward(q, k, v, seg, plan, save_lse=False)[0]
+
+
+def _flash_fwd(q, k, v, seg, plan):
+  o, lse = _BACKENDS[plan.backend].forward(q, k, v, seg, plan, save_lse=True)
+  return o, (q, k, v, seg, o, lse)  # lse `[B, N, Tp]` float32: O(T) residual, no T x S
+
+
+def _flash_bwd(plan, res, do):
+  q, k, v, seg, o, lse = res
+  delta = jnp.einsum("btnh,btnh->bnt", o.astype(jnp.float32), do.astype(jnp.float32))
+  dq, dk, dv = _BACKENDS[plan.backend].backward(q, k, v, seg, lse, delta, do, plan)
+  return dq, dk, dv, None  # segment ids are integers: no cotangent
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# The model reaches the kernel by name: `TransformerConfig(attention="flash")`.
+register_attention("flash", flash_attention)

@@ -1,1 +1,33 @@
-"""lmjax inference: kernels, decoding, sampling and caching for trained models."""
+"""lmjax inference: kernels, decoding, sampling and caching for trained models.
+
+Importing `infer` is cheap: the submodules load on first use.
+
+    out = infer.generate(model, params, ["Once upon a time"], tokenizer=tok, max_new_tokens=64,
+                         sampler=infer.sampling.TopP(p=0.9, temperature=0.8), seed=0)
+    for step in infer.stream(model, params, "Once upon a time", tokenizer=tok):
+      print(step.text[0], end="")
+
+`python -m infer` is the command line (generation and chat; see `infer/__main__.py`).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_SUBMODULES = ("decode", "sampling", "prompts", "flash_attention")
+_FROM_DECODE = ("generate", "stream", "GenerateResult", "Candidate", "StreamStep",
+                "mean_log_prob")
+
+__all__ = [*_SUBMODULES, *_FROM_DECODE]
+
+
+def __getattr__(name: str):
+  if name in _SUBMODULES:
+    return importlib.import_module(f"infer.{name}")
+  if name in _FROM_DECODE:
+    return getattr(importlib.import_module("infer.decode"), name)
+  raise AttributeError(f"module 'infer' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(__all__))

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax import cache as cache_lib
-from lmjax.attention_ops import SegmentIds, get_attention, reference_attention
+from lmjax.attention_ops import SegmentIds, get_attention, grouped_attention, reference_attention
 from lmjax.config import TransformerConfig
 from lmjax.embeddings import apply_rotary
 from lmjax.layers import Einsum
@@ -69,7 +69,7 @@ class MultiHeadAttention(nn.Module):
       segment_ids: `[B, T]` ids, 0 for padding; queries see only keys of their own segment.
       encoder_out: cross-attention keys' input `[B, Se, D]` (None: use `layer_cache`).
       encoder_segment_ids: `[B, Se]` for cross-attention.
-      layer_cache: this layer's cached `(k, v)`, `[B, S, K, H]` each.
+      layer_cache: this layer's cached `(k, v)`, `[B, K, S, H]` each (cross: `[B, K, Se, H]`).
       cache_ctx: where the new tokens go in the cache.
     """
     cfg = self.config
@@ -79,23 +79,27 @@ class MultiHeadAttention(nn.Module):
     b, t = x.shape[:2]
     new_cache = None
     if self.cross:
-      if encoder_out is not None:
-        k = self._proj("key", kh, "kv_heads", qkv_bias)(encoder_out)
-        v = self._proj("value", kh, "kv_heads", qkv_bias)(encoder_out)
-      else:
+      if encoder_out is None:  # decoding: the encoder's keys and values are in the cache
         if layer_cache is None:
           raise ValueError("cross-attention needs encoder_out or a filled cache")
-        k, v = layer_cache
-      new_cache = (k, v)
-      q_seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
-      if encoder_segment_ids is None:
-        kv_seg = jnp.ones(k.shape[:2], jnp.int32)
+        ck, cv = layer_cache
+        seen = jnp.ones(ck.shape[2], bool)[None, :] if encoder_segment_ids is None else (
+            encoder_segment_ids != 0)
+        mask = jnp.broadcast_to(seen[:, None, :], (b, t, ck.shape[2]))
+        out = grouped_attention(q, ck, cv, mask, "BKSH")
+        new_cache = layer_cache
       else:
-        kv_seg = encoder_segment_ids
-      if segment_ids is None or cache_ctx is not None:
-        kv_seg = (kv_seg != 0).astype(jnp.int32)  # unpacked: every query sees all real keys
-        q_seg = jnp.ones((b, t), jnp.int32)
-      out = self._attend(q, k, v, causal=False, segment_ids=SegmentIds(q_seg, kv_seg))
+        k = self._proj("key", kh, "kv_heads", qkv_bias)(encoder_out)
+        v = self._proj("value", kh, "kv_heads", qkv_bias)(encoder_out)
+        if cache_ctx is not None:
+          new_cache = (cache_lib.to_cache_layout(k), cache_lib.to_cache_layout(v))
+        kv_seg = (jnp.ones(k.shape[:2], jnp.int32) if encoder_segment_ids is None
+                  else encoder_segment_ids)
+        q_seg = segment_ids
+        if segment_ids is None or cache_ctx is not None:
+          kv_seg = (kv_seg != 0).astype(jnp.int32)  # unpacked: queries see all real keys
+          q_seg = jnp.ones((b, t), jnp.int32)
+        out = self._attend(q, k, v, causal=False, segment_ids=SegmentIds(q_seg, kv_seg))
     else:
       k = self._proj("key", kh, "kv_heads", qkv_bias)(x)
       v = self._proj("value", kh, "kv_heads", qkv_bias)(x)
@@ -111,12 +115,12 @@ class MultiHeadAttention(nn.Module):
         if cache_ctx.prefill:  # the cache was empty: attend over the new tokens only
           out = self._attend(q, k, v, causal=self.causal, segment_ids=segment_ids)
         else:
-          s = ck.shape[1]
+          s = ck.shape[2]
           slot = cache_ctx.lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
           end = (cache_ctx.lengths + cache_ctx.n_new)[:, None, None]
           j = jnp.arange(s)[None, None, :]
           mask = (j <= slot[:, :, None]) & (j < end)
-          out = reference_attention(q, ck, cv, mask=mask)
+          out = grouped_attention(q, ck, cv, mask, "BKSH")
     o = Einsum((n, cfg.resolved_head_dim, cfg.model_dim), ("heads", "head_dim", "embed"),
                "BTNH,NHD->BTD", ("embed",) if cfg.use_bias else None, dtype=cfg.dtype,
                param_dtype=cfg.param_dtype, name="out")(out)

@@ -102,15 +102,33 @@ def reference_attention(
   """
   b, t, s, n, kh, h = check_shapes(q, k, v)
   segment_ids = as_segment_ids(segment_ids, t, s)
-  scale = (1.0 / h**0.5) if sm_scale is None else sm_scale
-  g = n // kh
-  qg = q.reshape(b, t, kh, g, h)
-  scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
-  scores = scores.astype(jnp.float32) * scale
   m = attention_mask(b, t, s, causal=causal, segment_ids=segment_ids, mask=mask)
-  if m is not None:
-    m = m[:, None, None, :, :]
-    scores = jnp.where(m, scores, -jnp.inf)
+  return grouped_attention(q, k, v, m, "BSKH", sm_scale=sm_scale, dropout_rate=dropout_rate,
+                           dropout_rng=dropout_rng)
+
+
+def grouped_attention(
+    q: Array, k: Array, v: Array, mask: Array | None, kv_layout: str = "BSKH", *,
+    sm_scale: float | None = None, dropout_rate: float = 0.0, dropout_rng: Array | None = None,
+) -> Array:
+  """softmax(q k^T * scale, masked) v with kv heads shared by groups of G = N // K query heads.
+
+  Args:
+    q: `[B, T, N, H]`.
+    k, v: `[B, S, K, H]` (kv_layout "BSKH") or `[B, K, S, H]` ("BKSH", the KV cache's layout).
+    mask: boolean `[B, T, S]` (True = attend) or None.
+
+  Returns:
+    `[B, T, N, H]` in q's dtype; rows with no visible key are zeros.
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[kv_layout.index("K")]
+  scale = (1.0 / h**0.5) if sm_scale is None else sm_scale
+  qg = q.reshape(b, t, kh, n // kh, h)
+  scores = jnp.einsum(f"BTKGH,{kv_layout}->BKGTS", qg, k, preferred_element_type=jnp.float32)
+  scores = scores.astype(jnp.float32) * scale
+  if mask is not None:
+    scores = jnp.where(mask[:, None, None, :, :], scores, -jnp.inf)
   row_max = jnp.max(scores, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
   p = jnp.exp(scores - jax.lax.stop_gradient(row_max))
@@ -119,10 +137,9 @@ def reference_attention(
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, p.shape)
     p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v,
+  out = jnp.einsum(f"BKGTS,{kv_layout}->BTKGH", p.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return out.reshape(b, t, n, h).astype(q.dtype)
-
 
 _ATTENTION_FNS: dict[str, object] = {"reference": reference_attention}
 

@@ -128,12 +128,12 @@ class Stack(nn.Module):
                         metadata_params={nn.PARTITION_NAME: "layers"})
       x, new_cache = scanned(cfg, name="layers", **kw)(x, layer_cache, ctx)
     else:
-      outs = []
-      for i in range(self.num_layers):
-        li = jax.tree.map(lambda c, i=i: c[i], layer_cache)
+      new_cache = dict(layer_cache)
+      for i in range(self.num_layers):  # each layer's update goes back in place, no re-stack
+        li = {k: c[i] for k, c in new_cache.items()}
         x, nc = block(cfg, name=f"layers_{i}", **kw)(x, li, ctx)
-        outs.append(nc)
-      new_cache = jax.tree.map(lambda *cs: jnp.stack(cs), *outs) if use_cache else None
+        new_cache.update({k: jax.lax.dynamic_update_index_in_dim(new_cache[k], c, i, 0)
+                          for k, c in nc.items()})
     if cfg.norm_placement == "pre":
       x = Norm(cfg, name="final_norm")(x)
     return x, (new_cache if use_cache else None)

@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import importlib
 
-_SUBMODULES = ("decode", "sampling", "prompts", "flash_attention")
-_FROM_DECODE = ("generate", "stream", "GenerateResult", "Candidate", "StreamStep",
-                "mean_log_prob")
+_SUBMODULES = ("decode", "requests", "streaming", "sampling", "prompts", "flash_attention")
+_EXPORTS = {  # name: the submodule that defines it
+    **dict.fromkeys(("generate", "GenerateResult", "Candidate", "mean_log_prob"), "decode"),
+    **dict.fromkeys(("stream", "StreamStep"), "streaming"),
+}
 
-__all__ = [*_SUBMODULES, *_FROM_DECODE]
+__all__ = [*_SUBMODULES, *_EXPORTS]
 
 
 def __getattr__(name: str):
   if name in _SUBMODULES:
     return importlib.import_module(f"infer.{name}")
-  if name in _FROM_DECODE:
-    return getattr(importlib.import_module("infer.decode"), name)
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"infer.{_EXPORTS[name]}"), name)
   raise AttributeError(f"module 'infer' has no attribute {name!r}")
 
 

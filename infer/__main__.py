@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if tokenizer is None:
     raise SystemExit("the loaded model has no tokenizer; python -m infer needs one")
   import lmjax
-  from infer import decode, prompts
+  from infer import decode, prompts, streaming
 
   model = lmjax.model_for(config)
   if args.chat is not None:
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       if args.best_of is not None or n_out > 1:
         raise ValueError("--stream prints one sequence: one prompt, one sample, no --best-of "
                          "(use --no-stream)")
-      gen = decode.stream(model, params, texts, **kw)
+      gen = streaming.stream(model, params, texts, **kw)
       if args.chat is None:
         sys.stdout.write(texts[0])
       while True:

@@ -1,0 +1,116 @@
+"""Streaming generation: `stream` yields each step's tokens (and new text) as they come.
+
+`stream` runs `generate`'s own jitted prefill and step functions (`infer.decode.Decoder`) from a
+Python loop instead of a `while_loop`, so it gives the same tokens as `generate`. Text comes by
+incremental detokenization: decode everything so far, emit what is new, hold back a partial
+UTF-8 character until it is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import jax
+import numpy as np
+
+from infer import decode, requests, sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamStep:
+  """One step of `stream`: what each of the R rows produced.
+
+  Attributes:
+    step: the index t of these tokens among the new tokens.
+    tokens: `[R]` int32, pad for rows already done.
+    log_probs: `[R]` float32 (0 for rows already done).
+    active: `[R]` bool, the row produced `tokens[r]` at this step.
+    stop_reason: per row: the reason it stopped at this step, else None.
+    text: per row, the new text (with a tokenizer; EOS left out; a partial UTF-8 character is
+      held back until complete), else None.
+  """
+
+  step: int
+  tokens: np.ndarray
+  log_probs: np.ndarray
+  active: np.ndarray
+  stop_reason: list[str | None]
+  text: list[str] | None = None
+
+
+class _TextDelta:
+  """Incremental detokenization: decode everything so far, emit what is new."""
+
+  def __init__(self, tokenizer, eos_ids):
+    self.tokenizer, self.eos = tokenizer, set(eos_ids)
+    self.ids: list[int] = []
+    self.shown = ""
+
+  def push(self, tok: int, final: bool) -> str:
+    if tok not in self.eos:
+      self.ids.append(tok)
+    text = decode.decode_text(self.tokenizer, self.ids)
+    if text.endswith("\ufffd") and not final:
+      return ""
+    if text.startswith(self.shown):
+      delta = text[len(self.shown):]
+    else:  # the tokenizer rewrote earlier text (rare); what was shown stays shown
+      k = 0
+      while k < min(len(text), len(self.shown)) and text[k] == self.shown[k]:
+        k += 1
+      delta = text[k:]
+    self.shown = text
+    return delta
+
+
+def stream(model, params, prompts, *, tokenizer=None, max_new_tokens: int = 64,
+           sampler: sampling.BaseSampler | None = None, seed: int | Sequence[int] = 0,
+           stop=None, eos_id=None, ignore_eos: bool = False, num_samples: int = 1,
+           add_bos: bool | None = None, decoder_start_id: int | None = None,
+           cache_size: int | None = None,
+           cache_multiple: int = 64) -> Iterator[StreamStep]:
+  """Like `generate`, but yields each step's tokens as they are produced (for notebooks).
+
+  Runs `generate`'s own jitted prefill and step functions from a Python loop, so the tokens
+  equal `generate`'s for the same arguments. Arguments as in `generate` (no best-of).
+
+  Yields:
+    A `StreamStep` per step, until every row is done. The generator's return value (the
+    `value` of its `StopIteration`, or of `yield from`) is the `GenerateResult`.
+  """
+  req = requests.prepare(model, prompts, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                sampler=sampler, seed=seed, stop=stop, eos_id=eos_id, ignore_eos=ignore_eos,
+                num_samples=num_samples, add_bos=add_bos, decoder_start_id=decoder_start_id,
+                cache_size=cache_size, cache_multiple=cache_multiple)
+  return _stream(model, params, req, tokenizer)
+
+
+def _stream(model, params, req: requests.Request, tokenizer):
+  dec = decode.decoder_for(model, req.plan)
+  params = decode.unwrap_params(params)
+  state = dec.start(params, req.inputs, req.consts)
+  deltas = None
+  if tokenizer is not None:
+    deltas = [_TextDelta(tokenizer, req.eos_ids) for _ in range(req.plan.rows)]
+  was_done = np.zeros((req.plan.rows,), bool)
+  t = 0
+  while True:
+    h = jax.device_get({k: state[k] for k in ("out", "lp", "done", "reason")})
+    tok = h["out"][:, t]
+    active = ~was_done
+    ended = h["done"] & active
+    reasons = [decode.REASON_NAMES[int(h["reason"][r])] if ended[r] else None
+               for r in range(req.plan.rows)]
+    text = None
+    if deltas is not None:
+      text = [deltas[r].push(int(tok[r]), bool(ended[r])) if active[r] else ""
+              for r in range(req.plan.rows)]
+    yield StreamStep(step=t, tokens=tok, log_probs=h["lp"][:, t], active=active,
+                     stop_reason=reasons, text=text)
+    was_done = h["done"]
+    t += 1
+    if was_done.all() or t >= req.max_new_tokens:
+      break
+    state = dec.step(params, state, req.consts)
+  return decode.collect(req, state, tokenizer)

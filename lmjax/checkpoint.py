@@ -1,0 +1,239 @@
+"""Orbax checkpoints of params, and `load_run`: a trained run's config, params and tokenizer.
+
+The on-disk layout of a training run's work dir (written by `train/`, readable from lmjax
+alone, so inference never imports the trainer):
+
+    WORKDIR/config.json            the resolved run config; its "model" section is
+                                   `TransformerConfig.to_dict()`
+    WORKDIR/tokenizer.model        the SentencePiece model (`SentencePieceTokenizer.save`),
+                                   with tokenizer.model.json (its normalization) beside it
+    WORKDIR/checkpoints/<step>/    one orbax `CheckpointManager` step, with the items
+        params/                    the raw params tree (`StandardSave`, float32)
+        opt_state/                 the optimizer state (training only)
+        meta/                      JSON: step, the run config, metrics at that step
+        data/                      JSON per process: the data iterator's position
+
+    cfg, params, tokenizer = lmjax.checkpoint.load_run("runs/demo")   # or gs://bucket/run
+    save_params(folder, params); params = restore_params(folder, cfg)  # a bare params folder
+
+Orbax (https://github.com/google/orbax) writes each step into a temporary folder and renames
+it when complete, so a step folder that exists finished saving; a step whose files were later
+damaged (a torn copy, a truncated upload) fails to restore, and `load_run` then warns and
+falls back to the previous step. No pickle is ever loaded: params are tensorstore arrays,
+everything else JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from lmjax.config import TransformerConfig
+from lmjax.counting import abstract_params
+from lmjax.sharding import param_shardings
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+CHECKPOINT_DIR = "checkpoints"
+PARAMS, OPT_STATE, META, DATA = "params", "opt_state", "meta", "data"
+
+log = logging.getLogger(__name__)
+
+
+def run_path(path: str | os.PathLike) -> epath.Path:
+  """A run folder: a local path (made absolute) or a remote URL such as gs://bucket/run."""
+  text = os.fspath(path)
+  if "://" in text:
+    return epath.Path(text)
+  return epath.Path(Path(text).expanduser().absolute())
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  return "://" in os.fspath(path)
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+  """`WORKDIR/checkpoints`, where the steps live."""
+  return run_path(workdir) / CHECKPOINT_DIR
+
+
+def saved_steps(workdir: str | os.PathLike) -> list[int]:
+  """The steps saved in a work dir (finished saves only), ascending."""
+  d = checkpoint_dir(workdir)
+  if not d.is_dir():
+    return []
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
+  """A JSON object from `path`, or a ValueError naming `what` and the file."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"{what}: no file {str(path)!r}")
+  try:
+    data = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{what}: {str(path)!r} is not readable JSON ({e})") from e
+  if not isinstance(data, dict):
+    raise ValueError(f"{what}: {str(path)!r} holds {type(data).__name__}, not an object")
+  return data
+
+
+def save_tokenizer(tokenizer, path: str | os.PathLike) -> None:
+  """Writes a `SentencePieceTokenizer` as `path` plus `path.json` (its normalization), locally
+  with `tokenizer.save`, remotely with the same two files."""
+  if not is_remote(path):
+    tokenizer.save(Path(os.fspath(path)))
+    return
+  path = epath.Path(path)
+  norm = tokenizer.normalization
+  path.write_bytes(tokenizer.model_proto)
+  path.with_name(path.name + ".json").write_text(json.dumps(
+      {"normalization": None if norm is None else dataclasses.asdict(norm)}, indent=1))
+
+
+def load_tokenizer(path: str | os.PathLike):
+  """Reads what `save_tokenizer` wrote (a `SentencePieceTokenizer`)."""
+  from lmjax.tokenizer import NormalizationConfig, SentencePieceTokenizer
+
+  if not is_remote(path):
+    return SentencePieceTokenizer.load(path)
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"no SentencePiece model file at {str(path)!r}")
+  settings = path.with_name(path.name + ".json")
+  norm = None
+  if settings.exists():
+    d = json.loads(settings.read_text()).get("normalization")
+    norm = None if d is None else NormalizationConfig(**d)
+  return SentencePieceTokenizer(path.read_bytes(), norm)
+
+
+def read_step_meta(workdir: str | os.PathLike, step: int) -> dict[str, Any]:
+  """The JSON `meta` item of one step (step, run config, metrics)."""
+  return read_json(checkpoint_dir(workdir) / str(step) / META / "metadata",
+                   f"checkpoint step {step} meta")
+
+
+def model_config_of(run_config: dict[str, Any], where: str) -> TransformerConfig:
+  """The `TransformerConfig` of a run config dict's "model" section."""
+  if not isinstance(run_config.get("model"), dict):
+    raise ValueError(f"{where} has no 'model' section (a TransformerConfig dict)")
+  try:
+    return TransformerConfig.from_dict(run_config["model"])
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{where}: its 'model' section is not a valid TransformerConfig: {e}") from e
+
+
+def abstract_target(config: TransformerConfig, mesh: jax.sharding.Mesh | None = None) -> Any:
+  """`ShapeDtypeStruct`s (with shardings) of the params of `config`, for restoring into."""
+  shapes = abstract_params(config)
+  if mesh is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: sharding, shapes)
+  else:
+    from lmjax.counting import example_inputs, model_for
+
+    model = model_for(config)
+    shardings = param_shardings(
+        lambda: model.init(jax.random.key(0), *example_inputs(config))["params"], mesh)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                      shardings)
+
+
+def save_params(directory: str | os.PathLike, params: Any) -> epath.Path:
+  """Writes a params tree to a new folder `directory` (an error if it exists)."""
+  directory = run_path(directory)
+  if directory.exists():
+    raise FileExistsError(f"{str(directory)!r} exists; save_params never overwrites a folder")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(directory, params)
+  return directory
+
+
+def restore_params(directory: str | os.PathLike, config: TransformerConfig,
+                   mesh: jax.sharding.Mesh | None = None) -> Any:
+  """Reads a params folder written by `save_params` into the shapes of `config`."""
+  directory = run_path(directory)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"no params folder at {str(directory)!r}")
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(directory, abstract_target(config, mesh))
+
+
+def _manager(workdir) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=(PARAMS, OPT_STATE, META, DATA))
+
+
+def restore_step_params(workdir: str | os.PathLike, step: int, config: TransformerConfig,
+                        mesh: jax.sharding.Mesh | None = None) -> Any:
+  """The params of one checkpoint step (no optimizer state is read)."""
+  manager = _manager(workdir)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **{PARAMS: ocp.args.StandardRestore(abstract_target(config, mesh))}))
+  finally:
+    manager.close()
+  return restored[PARAMS]
+
+
+def load_run(workdir: str | os.PathLike, step: int | None = None, *,
+             mesh: jax.sharding.Mesh | None = None):
+  """The model config, params and tokenizer of a training run's work dir.
+
+  Args:
+    workdir: the run's folder (layout in the module docstring).
+    step: a saved step; None takes the newest step that restores. A newest step that fails
+      to restore (damaged files) is skipped with a warning.
+    mesh: shard the params over this mesh by `lmjax.sharding`'s rules (default: one device).
+
+  Returns:
+    `(config, params, tokenizer)`: a `TransformerConfig`, the raw params tree, and the
+    `SentencePieceTokenizer` the run trained with.
+  """
+  workdir = run_path(workdir)
+  if not workdir.is_dir():
+    raise FileNotFoundError(f"no run folder at {str(workdir)!r}")
+  run_config = read_json(workdir / CONFIG_FILE, f"run {str(workdir)!r}")
+  config = model_config_of(run_config, str(workdir / CONFIG_FILE))
+  tokenizer = load_tokenizer(workdir / TOKENIZER_FILE)
+  steps = saved_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f"run {str(workdir)!r} has no checkpoints in "
+                            f"{str(checkpoint_dir(workdir))!r}")
+  if step is not None:
+    if step not in steps:
+      raise ValueError(f"run {str(workdir)!r} has no checkpoint at step {step}; saved steps "
+                       f"are {steps}")
+    candidates = [step]
+  else:
+    candidates = steps[::-1]
+  failures = []
+  for s in candidates:
+    try:
+      step_config = config
+      try:  # The step's own config (the params' true shapes), when its meta reads.
+        step_config = model_config_of(read_step_meta(workdir, s).get("config", {}),
+                                      f"checkpoint step {s}")
+      except (OSError, ValueError):
+        pass
+      params = restore_step_params(workdir, s, step_config, mesh)
+      return step_config, params, tokenizer
+    except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many kinds)
+      failures.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
+      if step is not None:
+        break
+      log.warning("checkpoint step %d of %s does not restore (%s: %s); trying the previous step",
+                  s, workdir, type(e).__name__, str(e)[:300])
+  raise ValueError(f"no checkpoint of run {str(workdir)!r} restores:\n  " + "\n  ".join(failures))

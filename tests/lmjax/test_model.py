@@ -148,3 +148,30 @@ def test_bfloat16_compute_gives_float32_logits_close_to_float32():
   out16 = model16.apply({"params": p}, x)
   assert out16.dtype == jnp.float32
   np.testing.assert_allclose(out16, model32.apply({"params": p}, x), atol=0.05)
+
+
+def test_cache_layout_must_match_the_model():
+  cfg = tiny()
+  x = tokens(13, 1, 4)
+  model, p = init(cfg, x)
+  stacked = lmjax.init_cache(cfg.replace(scan_layers=True), 1, 8)
+  assert stacked.stacked and not lmjax.init_cache(cfg, 1, 8).stacked
+  with pytest.raises(ValueError, match="layer layout does not match scan_layers=False"):
+    model.apply({"params": p}, x, cache=stacked)
+
+
+def test_repeat_rows_repeats_each_row_in_place():
+  for scan in (False, True):
+    cfg = tiny(scan_layers=scan)
+    x = tokens(14, 2, 5)
+    model, p = init(cfg, x)
+    _, cache = model.apply({"params": p}, x, cache=lmjax.init_cache(cfg, 2, 8), prefill=True)
+    rep = cache.repeat_rows(3)
+    np.testing.assert_array_equal(rep.lengths, [5] * 6)
+    nxt = jnp.repeat(x[:, -1:], 3, axis=0)
+    got, _ = model.apply({"params": p}, nxt, cache=rep)
+    # Row 3 (a copy of row 1) continues row 1's cache, not row 0's.
+    ref, _ = model.apply({"params": p}, x[:, -1:], cache=cache)
+    np.testing.assert_allclose(got[::3], ref, **TOL)
+    np.testing.assert_allclose(got[1::3], ref, **TOL)
+    np.testing.assert_allclose(got[2::3], ref, **TOL)

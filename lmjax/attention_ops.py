@@ -15,6 +15,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lmjax.layers import einsum_f32
+
 Array = jax.Array
 
 
@@ -125,8 +127,7 @@ def grouped_attention(
   kh = k.shape[kv_layout.index("K")]
   scale = (1.0 / h**0.5) if sm_scale is None else sm_scale
   qg = q.reshape(b, t, kh, n // kh, h)
-  scores = jnp.einsum(f"BTKGH,{kv_layout}->BKGTS", qg, k, preferred_element_type=jnp.float32)
-  scores = scores.astype(jnp.float32) * scale
+  scores = einsum_f32(f"BTKGH,{kv_layout}->BKGTS", qg, k) * scale
   if mask is not None:
     scores = jnp.where(mask[:, None, None, :, :], scores, -jnp.inf)
   row_max = jnp.max(scores, axis=-1, keepdims=True)
@@ -137,8 +138,7 @@ def grouped_attention(
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, p.shape)
     p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
-  out = jnp.einsum(f"BKGTS,{kv_layout}->BTKGH", p.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
+  out = einsum_f32(f"BKGTS,{kv_layout}->BTKGH", p.astype(v.dtype), v)
   return out.reshape(b, t, n, h).astype(q.dtype)
 
 _ATTENTION_FNS: dict[str, object] = {"reference": reference_attention}

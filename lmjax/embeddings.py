@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax.config import TransformerConfig
-from lmjax.layers import DEFAULT_KERNEL_INIT, dtype_of, param
+from lmjax.layers import DEFAULT_KERNEL_INIT, dtype_of, einsum_f32, param
 
 Array = jax.Array
 
@@ -36,7 +36,7 @@ class TokenEmbedding(nn.Module):
   def attend(self, x: Array) -> Array:
     """Float32 logits `[B, T, V]` from hidden states `[B, T, D]`."""
     w = self.embedding.astype(x.dtype)
-    return jnp.einsum("BTD,VD->BTV", x, w, preferred_element_type=jnp.float32)
+    return einsum_f32("BTD,VD->BTV", x, w)
 
 
 def sinusoidal(positions: Array, dim: int, max_timescale: float = 10_000.0) -> Array:

@@ -30,6 +30,17 @@ def dtype_of(name: str):
   return jnp.dtype(name)
 
 
+def einsum_f32(eqn: str, a: Array, b: Array) -> Array:
+  """`jnp.einsum` with float32 accumulation and a float32 result, whatever the input dtype.
+
+  Accelerators multiply bfloat16 inputs into float32 directly; XLA's CPU runtime lacks some of
+  those mixed dots (e.g. "BF16 x BF16 = F32" in DotThunk), so on the CPU the inputs are upcast.
+  """
+  if jax.default_backend() == "cpu":
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jnp.einsum(eqn, a, b, preferred_element_type=jnp.float32)
+
+
 def param(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str | None],
           dtype) -> Array:
   """Creates a parameter tagged with logical axis names (one per dimension)."""

@@ -17,7 +17,7 @@ from lmjax.attention import CacheContext, MultiHeadAttention
 from lmjax.cache import KVCache
 from lmjax.config import TransformerConfig
 from lmjax.embeddings import LearnedPositions, TokenEmbedding, sinusoidal
-from lmjax.layers import Einsum, FeedForward, Norm, activation_fn
+from lmjax.layers import Einsum, FeedForward, Norm, activation_fn, einsum_f32
 from lmjax.sharding import constrain
 
 Array = jax.Array
@@ -158,8 +158,7 @@ class LMHead(nn.Module):
       w = self.param("kernel", nn.with_logical_partitioning(
           nn.initializers.normal(0.02), ("embed", "vocab")), (cfg.model_dim, cfg.vocab_size),
           jnp.dtype(cfg.param_dtype))
-      logits = jnp.einsum("BTD,DV->BTV", x, w.astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+      logits = einsum_f32("BTD,DV->BTV", x, w.astype(x.dtype))
     return constrain(logits.astype(jnp.float32),
                      ("activation_batch", "activation_length", "activation_vocab"))
 

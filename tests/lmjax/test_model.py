@@ -175,3 +175,17 @@ def test_repeat_rows_repeats_each_row_in_place():
     np.testing.assert_allclose(got[::3], ref, **TOL)
     np.testing.assert_allclose(got[1::3], ref, **TOL)
     np.testing.assert_allclose(got[2::3], ref, **TOL)
+
+
+def test_bfloat16_cached_decode_matches_float32():
+  """GQA 9/3 heads of width 64 (SmolLM2's attention shape), batch 8, bfloat16 compute."""
+  cfg = tiny(model_dim=96, num_heads=9, num_kv_heads=3, head_dim=64)
+  x = tokens(15, 8, 6)
+  model32, p = init(cfg, x)
+  cfg16 = cfg.replace(dtype="bfloat16")
+  model16 = lmjax.CausalLM(cfg16)
+  _, cache = model16.apply({"params": p}, x[:, :5], cache=lmjax.init_cache(cfg16, 8, 8),
+                           prefill=True)
+  step, _ = model16.apply({"params": p}, x[:, 5:], cache=cache)
+  assert step.dtype == jnp.float32
+  np.testing.assert_allclose(step[:, 0], model32.apply({"params": p}, x)[:, 5], atol=0.05)

@@ -103,15 +103,17 @@ def main():
   ap.add_argument("--batch", type=int, default=2)
   ap.add_argument("--seq", type=int, default=512)
   ap.add_argument("--steps", type=int, default=3)
-  ap.add_argument("--models", default="plain-gpt-49m,gpt2-124m,smollm2-135m")
+  ap.add_argument("--models", default="plain-gpt-49m,plain-gpt2-shape,gpt2-124m,smollm2-135m")
   ap.add_argument("--dtype", default="float32")
   args = ap.parse_args()
   peak = common.matmul_peak(args.dtype)
   print(f"matmul peak ({args.dtype}, measured now): {peak / 1e9:.1f} GFLOP/s")
   rows = []
   for name in args.models.split(","):
-    if name == "plain-gpt-49m":
-      m = PlainGPT()
+    if name.startswith("plain-"):
+      # plain-gpt-49m: the reference figure quoted in the issue; plain-gpt2-shape: the same
+      # plain code at GPT-2 small's shape (vocab 50257, 768 wide, 12 layers), like for like.
+      m = PlainGPT() if name == "plain-gpt-49m" else PlainGPT(50257, 768, 12, 12)
       params = m.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
       rows.append(bench(name, lambda p, t, m=m: m.apply({"params": p}, t), params,
                         plain_flops_per_token(m, args.seq), args.batch, args.seq, args.steps,
@@ -127,10 +129,13 @@ def main():
                         peak))
     print(rows[-1], flush=True)
   base = next((r for r in rows if r["model"] == "plain-gpt-49m"), None)
+  same = next((r for r in rows if r["model"] == "plain-gpt2-shape"), None)
   for r in rows:
     r["mfu_vs_plain"] = r["mfu"] / base["mfu"] if base else None
+    r["mfu_vs_plain_same_shape"] = r["mfu"] / same["mfu"] if same else None
   print(common.table(rows, ["model", "params", "batch", "seq", "step_s", "tokens_per_s",
-                            "achieved_gflops", "mfu", "mfu_vs_plain"]))
+                            "achieved_gflops", "mfu", "mfu_vs_plain",
+                            "mfu_vs_plain_same_shape"]))
   path = common.write("model_step", {"dtype": args.dtype, "matmul_peak_flops": peak,
                                      "rows": rows})
   print(f"wrote {path}")

@@ -125,21 +125,27 @@ def grouped_attention(
   """
   b, t, n, h = q.shape
   kh = k.shape[kv_layout.index("K")]
+  g = n // kh
   scale = (1.0 / h**0.5) if sm_scale is None else sm_scale
-  qg = q.reshape(b, t, kh, n // kh, h)
-  scores = einsum_f32(f"BTKGH,{kv_layout}->BKGTS", qg, k) * scale
+  # Fold the G query heads of each kv head into the query axis: a plain batched matmul over
+  # (B, K), which XLA lays out well (a 5-D "BTKGH" einsum ran 1.6x slower fwd+bwd on CPU).
+  qf = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
+  if kv_layout == "BSKH":
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  elif kv_layout != "BKSH":
+    raise ValueError(f"kv_layout must be 'BSKH' or 'BKSH', got {kv_layout!r}")
+  scores = einsum_f32("BKQH,BKSH->BKQS", qf, k) * scale
   if mask is not None:
-    scores = jnp.where(mask[:, None, None, :, :], scores, -jnp.inf)
-  row_max = jnp.max(scores, axis=-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  p = jnp.exp(scores - jax.lax.stop_gradient(row_max))
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(denom == 0.0, 1.0, denom)
+    fmask = jnp.tile(mask, (1, g, 1))[:, None]  # [B, 1, G*T, S], query index g * T + t
+    scores = jnp.where(fmask, scores, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(scores, axis=-1)
+  if mask is not None:  # a row that sees no key gives zeros, not a uniform average
+    p = p * jnp.any(fmask, axis=-1, keepdims=True).astype(p.dtype)
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, p.shape)
     p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
-  out = einsum_f32(f"BKGTS,{kv_layout}->BTKGH", p.astype(v.dtype), v)
-  return out.reshape(b, t, n, h).astype(q.dtype)
+  out = einsum_f32("BKQS,BKSH->BKQH", p.astype(v.dtype), v)
+  return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
 _ATTENTION_FNS: dict[str, object] = {"reference": reference_attention}
 

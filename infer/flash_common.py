@@ -170,3 +170,16 @@ def iota(shape, dim: int, start) -> jax.Array:
 
 
 NEG_INF = float("-inf")
+
+
+def split_refs(refs, n_inputs: int, has_seg: bool):
+  """A kernel's refs -> (its first n_inputs, the two segment-id refs or Nones, the rest).
+
+  Every kernel here takes its array inputs, then (when segment ids are given) two segment-id
+  inputs, then its outputs and scratch buffers.
+  """
+  refs = list(refs)
+  head, rest = refs[:n_inputs], refs[n_inputs:]
+  if not has_seg:
+    return head, (None, None), rest
+  return head, (rest[0], rest[1]), rest[2:]

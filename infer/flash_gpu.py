@@ -57,10 +57,7 @@ def _scores(q, k, q0, k0, plan: fc.Plan, masked: bool, q_seg=None, kv_seg=None):
 
 
 def _fwd_kernel(*refs, plan: fc.Plan, has_seg: bool, save_lse: bool):
-  refs = list(refs)
-  q_ref, k_ref, v_ref = refs[:3]
-  del refs[:3]
-  qseg_ref, kvseg_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
+  (q_ref, k_ref, v_ref), (qseg_ref, kvseg_ref), refs = fc.split_refs(refs, 3, has_seg)
   o_ref = refs.pop(0)
   lse_ref = refs.pop(0) if save_lse else None
   bq, bk = plan.block_q, plan.block_k
@@ -136,10 +133,8 @@ def forward(q, k, v, seg, plan: fc.Plan, save_lse: bool):
 
 
 def _dq_kernel(*refs, plan: fc.Plan, has_seg: bool):
-  refs = list(refs)
-  q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref = refs[:6]
-  del refs[:6]
-  qseg_ref, kvseg_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref), (qseg_ref, kvseg_ref), refs = fc.split_refs(
+      refs, 6, has_seg)
   (dq_ref,) = refs
   bq, bk = plan.block_q_dq, plan.block_k_dq
   i = pl.program_id(0)
@@ -165,10 +160,8 @@ def _dq_kernel(*refs, plan: fc.Plan, has_seg: bool):
 
 
 def _dkv_kernel(*refs, plan: fc.Plan, has_seg: bool):
-  refs = list(refs)
-  q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref = refs[:6]
-  del refs[:6]
-  qseg_ref, kvseg_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref), (qseg_ref, kvseg_ref), refs = fc.split_refs(
+      refs, 6, has_seg)
   dk_ref, dv_ref = refs
   bq, bk = plan.block_q_dkv, plan.block_k_dkv
   j = pl.program_id(0)

@@ -81,10 +81,7 @@ def _run_visible(step, i, j, bq: int, bk: int, plan: fc.Plan, has_seg: bool):
 
 
 def _fwd_kernel(*refs, plan: fc.Plan, has_seg: bool, save_lse: bool):
-  refs = list(refs)
-  q_ref, k_ref, v_ref = refs[:3]
-  del refs[:3]
-  qseg_ref, kvseg_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
+  (q_ref, k_ref, v_ref), (qseg_ref, kvseg_ref), refs = fc.split_refs(refs, 3, has_seg)
   o_ref = refs.pop(0)
   lse_ref = refs.pop(0) if save_lse else None
   m_scr, l_scr, acc_scr = refs
@@ -181,10 +178,8 @@ def forward(q, k, v, seg, plan: fc.Plan, save_lse: bool):
 
 
 def _dq_kernel(*refs, plan: fc.Plan, has_seg: bool):
-  refs = list(refs)
-  q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref = refs[:6]
-  del refs[:6]
-  qseg_ref, kvseg_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref), (qseg_ref, kvseg_ref), refs = fc.split_refs(
+      refs, 6, has_seg)
   dq_ref, acc_scr = refs
   bq, bk = plan.block_q_dq, plan.block_k_dq
   i, j = pl.program_id(2), pl.program_id(3)
@@ -220,10 +215,8 @@ def _dq_kernel(*refs, plan: fc.Plan, has_seg: bool):
 
 
 def _dkv_kernel(*refs, plan: fc.Plan, has_seg: bool):
-  refs = list(refs)
-  q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref = refs[:6]
-  del refs[:6]
-  kvseg_ref, qseg_ref = (refs.pop(0), refs.pop(0)) if has_seg else (None, None)
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref), (kvseg_ref, qseg_ref), refs = fc.split_refs(
+      refs, 6, has_seg)
   dk_ref, dv_ref, dk_scr, dv_scr = refs
   bq, bk = plan.block_q_dkv, plan.block_k_dkv
   j, g, i = pl.program_id(2), pl.program_id(3), pl.program_id(4)

@@ -12,6 +12,7 @@ rules that map them onto mesh axes live in `lmjax.sharding`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -80,8 +81,58 @@ class Einsum(nn.Module):
     return y
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def normalize(x: Array, scale: Array, bias: Array | None, rms: bool, eps: float) -> Array:
+  """LayerNorm (Ba et al., 2016) or RMSNorm (Zhang & Sennrich, 2019) over the last axis.
+
+  `(x - mean) / sqrt(var + eps) * scale + bias` (RMSNorm: no mean, no bias), all float32.
+  The backward is written out (the standard two-reduction LayerNorm gradient from the saved
+  normalized input) rather than left to autodiff: with autodiff's graph, XLA's CPU fusion
+  recomputed the residual-stream gradient of every later layer inside each transposed copy
+  feeding a weight gradient, which grew with depth and cost 15% of a GPT-2-small step
+  (benchmarks/model_step.py).
+
+  Args:
+    x: `[..., D]` float32.
+    scale: `[D]` float32.
+    bias: `[D]` float32, or None.
+    rms: RMSNorm when True, LayerNorm when False.
+    eps: added to the variance.
+
+  Returns:
+    `[..., D]` float32.
+  """
+  return _normalize_fwd(x, scale, bias, rms, eps)[0]
+
+
+def _normalize_fwd(x, scale, bias, rms, eps):
+  xc = x if rms else x - jnp.mean(x, axis=-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + eps)
+  xhat = xc * rstd
+  lead = (1,) * (x.ndim - 1)
+  y = xhat * scale.reshape(lead + scale.shape)
+  if bias is not None:
+    y = y + bias.reshape(lead + bias.shape)
+  return y, (xhat, rstd, scale, bias)
+
+
+def _normalize_bwd(rms, eps, res, dy):
+  del eps
+  xhat, rstd, scale, bias = res
+  g = dy * scale.reshape((1,) * (dy.ndim - 1) + scale.shape)
+  dx = g - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)
+  if not rms:
+    dx = dx - jnp.mean(g, axis=-1, keepdims=True)
+  lead = tuple(range(dy.ndim - 1))
+  dbias = None if bias is None else jnp.sum(dy, axis=lead)
+  return dx * rstd, jnp.sum(dy * xhat, axis=lead), dbias
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
 class Norm(nn.Module):
-  """LayerNorm (Ba et al., 2016) or RMSNorm (Zhang & Sennrich, 2019), statistics in float32."""
+  """LayerNorm or RMSNorm (see `normalize`), statistics in float32, output in the compute dtype."""
 
   config: TransformerConfig
 
@@ -89,19 +140,14 @@ class Norm(nn.Module):
   def __call__(self, x: Array) -> Array:
     cfg = self.config
     pdt = dtype_of(cfg.param_dtype)
-    xf = x.astype(jnp.float32)
-    if cfg.norm == "rmsnorm":
-      y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
-    else:
-      mean = jnp.mean(xf, axis=-1, keepdims=True)
-      var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-      y = (xf - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
-    scale = param(self, "scale", nn.initializers.ones_init(), (x.shape[-1],), ("norm",), pdt)
-    lead = (1,) * (x.ndim - 1)
-    y = y * scale.astype(jnp.float32).reshape(lead + scale.shape)
+    d = x.shape[-1]
+    scale = param(self, "scale", nn.initializers.ones_init(), (d,), ("norm",), pdt)
+    bias = None
     if cfg.norm == "layernorm" and cfg.use_bias:
-      bias = param(self, "bias", nn.initializers.zeros_init(), (x.shape[-1],), ("norm",), pdt)
-      y = y + bias.astype(jnp.float32).reshape(lead + bias.shape)
+      bias = param(self, "bias", nn.initializers.zeros_init(), (d,), ("norm",), pdt)
+      bias = bias.astype(jnp.float32)
+    y = normalize(x.astype(jnp.float32), scale.astype(jnp.float32), bias,
+                  cfg.norm == "rmsnorm", cfg.norm_eps)
     return y.astype(dtype_of(cfg.dtype))
 
 

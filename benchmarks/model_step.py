@@ -103,7 +103,8 @@ def main():
   ap.add_argument("--batch", type=int, default=2)
   ap.add_argument("--seq", type=int, default=512)
   ap.add_argument("--steps", type=int, default=3)
-  ap.add_argument("--models", default="plain-gpt-49m,plain-gpt2-shape,gpt2-124m,smollm2-135m")
+  ap.add_argument("--models", default="plain-gpt-49m,lmjax-gpt-49m,plain-gpt2-shape,gpt2-124m,"
+                  "smollm2-135m")
   ap.add_argument("--dtype", default="float32")
   args = ap.parse_args()
   peak = common.matmul_peak(args.dtype)
@@ -119,8 +120,11 @@ def main():
                         plain_flops_per_token(m, args.seq), args.batch, args.seq, args.steps,
                         peak))
     else:
-      cfg = lmjax.TransformerConfig.from_preset(name, dtype=args.dtype, max_len=max(
-          args.seq, 1024))
+      # lmjax-gpt-49m: the library at the plain 49M model's shape (the gpt2 preset's options).
+      shape = (dict(vocab_size=16000, model_dim=640, num_decoder_layers=8, num_heads=10,
+                    ffn_dim=2560) if name == "lmjax-gpt-49m" else {})
+      cfg = lmjax.TransformerConfig.from_preset(
+          "gpt2-124m" if shape else name, dtype=args.dtype, max_len=max(args.seq, 1024), **shape)
       model = lmjax.model_for(cfg)
       params = jax.jit(lambda m=model: nn.meta.unbox(m.init(
           jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]))()
@@ -132,7 +136,10 @@ def main():
   same = next((r for r in rows if r["model"] == "plain-gpt2-shape"), None)
   for r in rows:
     r["mfu_vs_plain"] = r["mfu"] / base["mfu"] if base else None
-    r["mfu_vs_plain_same_shape"] = r["mfu"] / same["mfu"] if same else None
+    # the plain GPT of the same shape, where there is one (smollm2 has GQA, SwiGLU, rotary)
+    like = {"plain-gpt-49m": base, "lmjax-gpt-49m": base, "plain-gpt2-shape": same,
+            "gpt2-124m": same}.get(r["model"])
+    r["mfu_vs_plain_same_shape"] = r["mfu"] / like["mfu"] if like else None
   print(common.table(rows, ["model", "params", "batch", "seq", "step_s", "tokens_per_s",
                             "achieved_gflops", "mfu", "mfu_vs_plain",
                             "mfu_vs_plain_same_shape"]))

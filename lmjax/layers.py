@@ -13,6 +13,7 @@ rules that map them onto mesh axes live in `lmjax.sharding`.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -40,6 +41,25 @@ def einsum_f32(eqn: str, a: Array, b: Array) -> Array:
   if jax.default_backend() == "cpu":
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   return jnp.einsum(eqn, a, b, preferred_element_type=jnp.float32)
+
+
+def project(eqn: str, x: Array, w: Array) -> Array:
+  """`jnp.einsum(eqn, x, w)` for a projection, as one 2-D matmul when the layout allows.
+
+  When x's trailing dims contract with w's leading dims in the same order and the output is
+  x's other dims then w's (e.g. "BTD,DNH->BTNH", "BTNH,NHD->BTD"), both sides are reshaped to
+  matrices: XLA's CPU backend ran the 3-D form of a SwiGLU feed-forward 1.4x slower fwd+bwd.
+  Other equations go to `jnp.einsum`.
+  """
+  lhs, out = eqn.replace(" ", "").split("->")
+  xs, ws = lhs.split(",")
+  k = next((k for k in range(min(len(xs), len(ws)), 0, -1) if xs[len(xs) - k:] == ws[:k]), 0)
+  if k == 0 or out != xs[:len(xs) - k] + ws[k:]:
+    return jnp.einsum(eqn, x, w)
+  lead, free = x.shape[:x.ndim - k], w.shape[k:]
+  kdim = math.prod(w.shape[:k])
+  y = jnp.dot(x.reshape(-1, kdim), w.reshape(kdim, -1))
+  return y.reshape(lead + free)
 
 
 def param(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str | None],
@@ -72,7 +92,7 @@ class Einsum(nn.Module):
   def __call__(self, x: Array) -> Array:
     w = param(self, "kernel", self.kernel_init, self.shape, self.axes, dtype_of(self.param_dtype))
     dtype = dtype_of(self.dtype)
-    y = jnp.einsum(self.eqn, x.astype(dtype), w.astype(dtype))
+    y = project(self.eqn, x.astype(dtype), w.astype(dtype))
     if self.bias_axes is not None:
       bshape = y.shape[-len(self.bias_axes):]
       b = param(self, "bias", nn.initializers.zeros_init(), bshape, self.bias_axes,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import lmjax
-from lmjax.layers import Norm, normalize
+from lmjax.layers import Norm, normalize, project
 
 
 def textbook_norm(x, scale, bias, rms, eps):
@@ -57,3 +57,18 @@ def test_norm_module_bfloat16_compute_keeps_float32_statistics():
   # the scale starts at one and the bias at zero
   want = textbook_norm(xb, np.ones(cfg.model_dim), None, cfg.norm == "rmsnorm", cfg.norm_eps)
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("eqn,x_shape,w_shape", [
+    ("BTD,DNH->BTNH", (2, 3, 8), (8, 4, 5)),   # 2-D path: one contracted dim
+    ("BTNH,NHD->BTD", (2, 3, 4, 5), (4, 5, 8)),  # 2-D path: two contracted dims
+    ("BTD,DF->BTF", (2, 3, 8), (8, 6)),
+    ("BTD,VD->BTV", (2, 3, 8), (9, 8)),          # einsum fallback: w contracted on its last
+    ("BTNH,HND->BTD", (2, 3, 4, 5), (5, 4, 8)),  # einsum fallback: a different order
+])
+def test_project_equals_einsum(eqn, x_shape, w_shape):
+  kx, kw = jax.random.split(jax.random.key(2))
+  x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+  want = np.einsum(eqn.lower(), np.asarray(x, np.float64),
+                   np.asarray(w, np.float64))
+  np.testing.assert_allclose(np.asarray(project(eqn, x, w)), want, rtol=1e-5, atol=1e-5)

@@ -76,6 +76,17 @@ def _run_visible(step, i, j, bq: int, bk: int, plan: fc.Plan, has_seg: bool):
   pl.when(jnp.logical_and(visible, jnp.logical_not(needs_mask)))(lambda: step(False))
 
 
+def _scores(q, k, masked: bool, i, j, plan: fc.Plan, seg_refs, has_seg: bool) -> jax.Array:
+  """Scaled scores `(bq, bk)` of query block i and key block j, masked when `masked`."""
+  s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * plan.scale
+  if masked:
+    (bq, bk), (qseg_ref, kvseg_ref) = s.shape, seg_refs
+    seg = (_lanes(qseg_ref[...], bk), kvseg_ref[:1, :]) if has_seg else (None, None)
+    mask = fc.make_mask(fc.iota(s.shape, 0, i * bq), fc.iota(s.shape, 1, j * bk), plan, *seg)
+    s = jnp.where(mask, s, fc.NEG_INF)
+  return s
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward.
 
@@ -96,13 +107,7 @@ def _fwd_kernel(*refs, plan: fc.Plan, has_seg: bool, save_lse: bool):
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
   def step(masked: bool):
-    s = jax.lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=jnp.float32)
-    s = s * plan.scale
-    if masked:
-      shape = (bq, bk)
-      seg = (_lanes(qseg_ref[...], bk), kvseg_ref[:1, :]) if has_seg else (None, None)
-      mask = fc.make_mask(fc.iota(shape, 0, i * bq), fc.iota(shape, 1, j * bk), plan, *seg)
-      s = jnp.where(mask, s, fc.NEG_INF)
+    s = _scores(q_ref[...], k_ref[...], masked, i, j, plan, (qseg_ref, kvseg_ref), has_seg)
     m_prev = m_scr[...]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     m_safe = jnp.where(m_next == fc.NEG_INF, 0.0, m_next)  # rows that saw nothing yet
@@ -190,13 +195,7 @@ def _dq_kernel(*refs, plan: fc.Plan, has_seg: bool):
 
   def step(masked: bool):
     k = k_ref[...]
-    s = jax.lax.dot_general(q_ref[...], k, _NT, preferred_element_type=jnp.float32)
-    s = s * plan.scale
-    if masked:
-      shape = (bq, bk)
-      seg = (_lanes(qseg_ref[...], bk), kvseg_ref[:1, :]) if has_seg else (None, None)
-      mask = fc.make_mask(fc.iota(shape, 0, i * bq), fc.iota(shape, 1, j * bk), plan, *seg)
-      s = jnp.where(mask, s, fc.NEG_INF)
+    s = _scores(q_ref[...], k, masked, i, j, plan, (qseg_ref, kvseg_ref), has_seg)
     lse = jnp.expand_dims(lse_ref[0], -1)  # (bq, 1)
     di = jnp.expand_dims(di_ref[0], -1)
     p = jnp.exp(s - lse)

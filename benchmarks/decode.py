@@ -3,7 +3,9 @@
     python benchmarks/decode.py            # demo and smollm2-135m, float32 and bfloat16, B 1 and 8
     python benchmarks/decode.py --quick    # demo only
 
-For each model, dtype and batch (prompt 128 tokens, greedy, EOS ignored):
+For each model, dtype and batch (prompt 128 tokens, greedy, EOS ignored); the dtypes are
+float32, bfloat16 (params and compute), and packed-bf16 (`lmjax.packed.pack`: bfloat16 weights
+stored output-major and widened inside the loop, float32 compute):
 
 - prefill: one jitted forward of the padded prompts into an empty cache (`prefill=True`);
 - decode tokens/s: `infer.decode`'s compiled `while_loop`, started from the prefilled state and
@@ -91,6 +93,9 @@ def init_params(model, cfg):
   return make()
 
 
+PACKED = "packed-bf16"  # bfloat16 weights in lmjax.packed's layout, float32 compute
+
+
 def decode_loop(dec: decode.Decoder):
   """`dec`'s compiled while_loop started from a given (prefilled) state."""
   def run(params, state, consts):
@@ -147,24 +152,29 @@ def profile_step(dec, params, state, consts, steps: int) -> dict[str, float]:
 
 
 def run_case(name, dtype, batch, new_tokens, rc_steps, profile, reps):
-  cfg = model_config(name, dtype)
+  is_packed = dtype == PACKED
+  cfg = model_config(name, "float32" if is_packed else dtype)
   model = lmjax.CausalLM(cfg)
   params = init_params(model, cfg)
+  if is_packed:  # the recompute baseline runs the same bfloat16 weights unpacked
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    weights_in = lmjax.packed.pack(model, params)
   rng = np.random.default_rng(0)
   prompts = [list(rng.integers(3, cfg.vocab_size, PROMPT)) for _ in range(batch)]
   req = decode.prepare(model, prompts, max_new_tokens=new_tokens, ignore_eos=True)
   dec = decode.decoder_for(model, req.plan)
   # Prefill (and the first token's sampling, negligible beside it).
-  prefill_s = best_time(dec.start, params, req.inputs, req.consts, reps=reps)
-  state = jax.block_until_ready(dec.start(params, req.inputs, req.consts))
+  dparams = weights_in if is_packed else params
+  prefill_s = best_time(dec.start, dparams, req.inputs, req.consts, reps=reps)
+  state = jax.block_until_ready(dec.start(dparams, req.inputs, req.consts))
   loop = decode_loop(dec)
-  decode_s = best_time(loop, params, state, req.consts, reps=reps)
+  decode_s = best_time(loop, dparams, state, req.consts, reps=reps)
   steps = new_tokens - 1  # the first token comes from the prefill
   length = PROMPT + new_tokens
   rc = recompute_loop(model, batch, length, rc_steps)
   toks = jnp.asarray(np.pad(np.asarray(prompts, np.int32), ((0, 0), (0, new_tokens))))
   rc_s = best_time(rc, params, toks, jnp.full((batch,), PROMPT, jnp.int32), reps=1)
-  weights = sum(x.nbytes for x in jax.tree.leaves(params))
+  weights = sum(x.nbytes for x in jax.tree.leaves(dparams))
   item = jnp.dtype(cfg.dtype).itemsize
   per_row = 2 * cfg.num_decoder_layers * cfg.resolved_num_kv_heads * cfg.resolved_head_dim * item
   step_bytes = int(weights + batch * (PROMPT + new_tokens / 2) * per_row)
@@ -176,7 +186,7 @@ def run_case(name, dtype, batch, new_tokens, rc_steps, profile, reps):
              bytes_per_step=step_bytes)
   row["speedup"] = row["decode_tok_s"] / row["recompute_tok_s"]
   if profile:
-    row["profile_ms_per_step"] = profile_step(dec, params, state, req.consts, new_tokens)
+    row["profile_ms_per_step"] = profile_step(dec, dparams, state, req.consts, new_tokens)
   return row
 
 
@@ -209,7 +219,7 @@ def main(argv=None) -> int:
   ap.add_argument("--models", default="demo,smollm2-135m")
   ap.add_argument("--new-tokens", type=int, default=128, help="demo model")
   ap.add_argument("--smollm-new-tokens", type=int, default=24)
-  ap.add_argument("--dtypes", default="float32,bfloat16")
+  ap.add_argument("--dtypes", default=f"float32,bfloat16,{PACKED}")
   ap.add_argument("--batches", default="1,8")
   ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                   help="trace demo/float32 decoding and split its step time by op kind")

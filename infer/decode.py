@@ -39,6 +39,7 @@ import numpy as np
 import lmjax
 from infer import sampling
 from infer.requests import MAX_SEED, Plan, Request, is_int, prepare, prompt_bucket, split_prompts
+from lmjax import packed as packed_lib
 
 __all__ = ["STOP_REASONS", "MAX_SEED", "Candidate", "GenerateResult", "mean_log_prob", "Plan",
            "Request", "prepare", "prompt_bucket", "Decoder", "decoder_for", "generate"]
@@ -136,20 +137,24 @@ class Decoder:
     self.step = jax.jit(self._step)
     self.run = jax.jit(self._run)
 
+  def _apply(self, params, *args, **kwargs):
+    """`model.apply` with raw params, or with `lmjax.packed.PackedParams` through its reader."""
+    if isinstance(params, packed_lib.PackedParams):
+      return packed_lib.apply(self.model, params, *args, **kwargs)
+    return self.model.apply({"params": params}, *args, **kwargs)
+
   def _prefill(self, params, inputs) -> tuple[Array, lmjax.KVCache]:
     cfg, p = self.model.config, self.plan
-    variables = {"params": params}
     if p.seq2seq:
       cache = lmjax.init_cache(cfg, p.batch, p.cache_len, encoder_len=p.prompt_len)
-      logits, cache = self.model.apply(
-          variables, inputs["tokens"], inputs["start"][:, None],
+      logits, cache = self._apply(
+          params, inputs["tokens"], inputs["start"][:, None],
           encoder_segment_ids=inputs["segment_ids"], cache=cache, prefill=True)
       last = logits[:, 0]
     else:
       cache = lmjax.init_cache(cfg, p.batch, p.cache_len)
-      logits, cache = self.model.apply(variables, inputs["tokens"],
-                                       segment_ids=inputs["segment_ids"], cache=cache,
-                                       prefill=True)
+      logits, cache = self._apply(params, inputs["tokens"], segment_ids=inputs["segment_ids"],
+                                  cache=cache, prefill=True)
       last = jnp.take_along_axis(logits, (inputs["lengths"] - 1)[:, None, None], axis=1)[:, 0]
     last = jnp.repeat(last, p.samples, axis=0)
     return last, _repeat_cache(cache, p.samples)
@@ -207,11 +212,13 @@ class Decoder:
 
   def _step(self, params, state, consts) -> dict:
     prev = jax.lax.dynamic_slice_in_dim(state["out"], state["t"] - 1, 1, axis=1)  # [R, 1]
-    variables = {"params": params}
+    if (isinstance(params, packed_lib.PackedParams)
+        and self.plan.rows <= packed_lib.MAX_STREAMED_ROWS):  # widen inside the loop
+      params = params.replace(tree=packed_lib.loop_variant(params.tree, state["t"]))
     if self.plan.seq2seq:
-      logits, cache = self.model.apply(variables, None, prev, cache=state["cache"])
+      logits, cache = self._apply(params, None, prev, cache=state["cache"])
     else:
-      logits, cache = self.model.apply(variables, prev, cache=state["cache"])
+      logits, cache = self._apply(params, prev, cache=state["cache"])
     return self._emit({**state, "cache": cache}, logits[:, 0], consts)
 
   def _run(self, params, inputs, consts) -> dict:
@@ -254,7 +261,8 @@ def _trim(tokens: list[int], reason: str, req: Request) -> list[int]:
 
 
 def unwrap_params(params):
-  """The raw params tree, from the tree itself or from `{"params": tree}`."""
+  """The raw params tree, from the tree itself or from `{"params": tree}`; `PackedParams` as
+  they are."""
   if isinstance(params, dict) and set(params) == {"params"}:
     return params["params"]
   return params
@@ -297,7 +305,8 @@ def generate(model, params, prompts, *, tokenizer=None, max_new_tokens: int = 64
 
   Args:
     model: an `lmjax.CausalLM` or `lmjax.Seq2SeqLM`.
-    params: its params (the raw tree, or `{"params": tree}`).
+    params: its params (the raw tree, or `{"params": tree}`), or `lmjax.packed.pack(model,
+      params)` (bfloat16 weights laid out for fast batch-1 decoding on the CPU).
     prompts: a string, a list of token ids, or a list of either (B prompts of any lengths).
       Strings are encoded with `tokenizer`; a `Seq2SeqLM` source gets EOS at the end (as in
       training). Token-id prompts are used as given.

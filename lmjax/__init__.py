@@ -1,6 +1,6 @@
 """lmjax: functional Flax (linen) transformers for the whole life of a language model."""
 
-from lmjax import checkpoint
+from lmjax import checkpoint, packed
 from lmjax.attention_ops import (
     SegmentIds,
     get_attention,
@@ -16,6 +16,7 @@ from lmjax.transformer import CausalLM, MaskedLM, Seq2SeqLM
 
 __all__ = [
     "checkpoint",
+    "packed",
     "LOGICAL_RULES",
     "PRESETS",
     "CausalLM",

@@ -43,18 +43,25 @@ def einsum_f32(eqn: str, a: Array, b: Array) -> Array:
   return jnp.einsum(eqn, a, b, preferred_element_type=jnp.float32)
 
 
-def project(eqn: str, x: Array, w: Array) -> Array:
-  """`jnp.einsum(eqn, x, w)` for a projection, as one 2-D matmul when the layout allows.
-
-  When x's trailing dims contract with w's leading dims in the same order and the output is
-  x's other dims then w's (e.g. "BTD,DNH->BTNH", "BTNH,NHD->BTD"), both sides are reshaped to
-  matrices: XLA's CPU backend ran the 3-D form of a SwiGLU feed-forward 1.4x slower fwd+bwd.
-  Other equations go to `jnp.einsum`.
-  """
+def project_split(eqn: str) -> int:
+  """How many trailing dims of x a projection `eqn` contracts with w's leading dims, in order,
+  with the output x's other dims then w's (e.g. 1 for "BTD,DNH->BTNH", 2 for "BTNH,NHD->BTD");
+  0 when the equation is not of that form."""
   lhs, out = eqn.replace(" ", "").split("->")
   xs, ws = lhs.split(",")
   k = next((k for k in range(min(len(xs), len(ws)), 0, -1) if xs[len(xs) - k:] == ws[:k]), 0)
-  if k == 0 or out != xs[:len(xs) - k] + ws[k:]:
+  return k if k and out == xs[:len(xs) - k] + ws[k:] else 0
+
+
+def project(eqn: str, x: Array, w: Array) -> Array:
+  """`jnp.einsum(eqn, x, w)` for a projection, as one 2-D matmul when the layout allows.
+
+  When `project_split(eqn)` is k > 0, both sides are reshaped to matrices (XLA's CPU backend
+  ran the 3-D form of a SwiGLU feed-forward 1.4x slower fwd+bwd). Other equations go to
+  `jnp.einsum`.
+  """
+  k = project_split(eqn)
+  if k == 0:
     return jnp.einsum(eqn, x, w)
   lead, free = x.shape[:x.ndim - k], w.shape[k:]
   kdim = math.prod(w.shape[:k])

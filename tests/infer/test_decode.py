@@ -361,3 +361,26 @@ def test_command_line(causal, batched, monkeypatch, capsys):
   assert header.startswith("=== prompt 0, sample 0") and body == chat.text[0] + "\n"
   assert cli.main(["--workdir", "/run", "--prompt", "x" * 70, "--no-stream"]) == 2
   assert "longer than the model's context" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_packed_weights_decode_like_the_same_weights_unpacked(causal, rows):
+  """`lmjax.packed` params (widened inside the loop for one row, hoisted for more) give the
+  tokens of the model on the same bfloat16-rounded weights, compiled and streamed."""
+  model, p = causal
+  def narrow(path, a):  # what packing narrows: matrices, the token embedding
+    name = jax.tree_util.keystr(path)
+    if "kernel" in name or name == "['embed']['embedding']":
+      return a.astype(jnp.bfloat16).astype(jnp.float32)
+    return a
+  rounded = jax.tree_util.tree_map_with_path(narrow, p)
+  pk = lmjax.packed.pack(model, p)
+  prompts = PROMPTS[:rows]
+  want = infer.generate(model, rounded, prompts, max_new_tokens=M, ignore_eos=True)
+  got = infer.generate(model, pk, prompts, max_new_tokens=M, ignore_eos=True)
+  assert got.tokens == want.tokens
+  assert len(set(want.tokens[-1])) > 1
+  for a, b in zip(got.log_probs, want.log_probs):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+  steps = list(infer.stream(model, pk, prompts, max_new_tokens=M, ignore_eos=True))
+  assert np.stack([s.tokens for s in steps], axis=1).tolist() == want.tokens

@@ -1,0 +1,232 @@
+"""Packed inference weights: matrices stored output-major in bfloat16, read by a wrapper.
+
+Batch-1 decoding reads every weight once per token, so its speed is the speed at which the
+matrix-vector products stream weights. On XLA's CPU backend a bfloat16 weight is slow to read
+through the model's own path: its bfloat16 dot and its `astype(float32)` run at ~1 GB/s
+(`benchmarks/matvec.py`), and inside a decode loop XLA hoists that conversion out of the loop,
+so every step reads float32 weights anyway. `pack` re-lays every projection out once:
+
+- the matrix is transposed to `[outputs..., inputs...]` (output-major, the PyTorch layout),
+  so each output is a dot of one contiguous row with the input, which XLA's CPU backend emits
+  as a parallel loop that streams the row;
+- it is stored in bfloat16 and widened inside that loop by a 16-bit shift of its bits
+  (exactly the float32 value; no rounding), so the loop reads 2 bytes per weight.
+
+The model runs unchanged under `reading(packed)`, an `nn.intercept_methods` wrapper that
+computes each `Einsum`, the tied embedding lookup and output projection, and an untied LM head
+from the packed arrays (activations and accumulation in float32). `infer.decode` recognises
+`PackedParams` and keeps the widening inside its loop (`loop_variant`).
+
+    packed = lmjax.packed.pack(model, params)           # once, after loading or training
+    out = infer.generate(model, packed, prompts, ...)   # any decoding entry point
+    logits = lmjax.packed.apply(model, packed, tokens)  # a plain forward pass
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from lmjax.embeddings import TokenEmbedding
+from lmjax.layers import Einsum, dtype_of, project_split
+from lmjax.sharding import constrain
+
+Array = jax.Array
+FORMATS = ("bfloat16",)
+
+
+@flax.struct.dataclass
+class PackedParams:
+  """A model's params with its projection matrices packed (see the module docstring).
+
+  Attributes:
+    tree: the raw params tree; each packed kernel is `[layers?, outputs..., inputs...]`
+      bfloat16, the token embedding `[V, D]` bfloat16.
+    fmt: the storage format ("bfloat16").
+    packed: `(path, inputs, leading)` of each packed kernel: its path in `tree`, how many of
+      its trailing dims are inputs, how many leading dims are stacked layers (scan).
+  """
+
+  tree: Any
+  fmt: str = flax.struct.field(pytree_node=False, default="bfloat16")
+  packed: tuple[tuple[tuple[str, ...], int, int], ...] = flax.struct.field(
+      pytree_node=False, default=())
+
+
+def widen(w: Array) -> Array:
+  """float32 from bfloat16 by shifting the bits up 16 places (exact, vectorises on any CPU)."""
+  bits = jax.lax.bitcast_convert_type(w, jnp.uint16).astype(jnp.uint32) << 16
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _kernels(model: nn.Module, tree: Any) -> dict[tuple[str, ...], tuple[int, int]]:
+  """Path of every 2-D-able `Einsum` kernel and untied LM head -> (input dims, module ndim)."""
+  from lmjax.transformer import LMHead
+
+  found: dict[tuple[str, ...], tuple[int, int]] = {}
+
+  def record(next_fun, args, kwargs, context):
+    m = context.module
+    if context.method_name == "__call__" and isinstance(m, Einsum) and project_split(m.eqn):
+      found[tuple(m.scope.path) + ("kernel",)] = (project_split(m.eqn), len(m.shape))
+    elif (context.method_name == "__call__" and isinstance(m, LMHead)
+          and not m.config.tie_embeddings):
+      found[tuple(m.scope.path) + ("kernel",)] = (1, 2)
+    return next_fun(*args, **kwargs)
+
+  cfg = model.config
+  tokens = jnp.ones((1, 2), jnp.int32)
+  args = (tokens, tokens) if cfg.num_encoder_layers and cfg.num_decoder_layers else (tokens,)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda p: model.apply({"params": p}, *args), tree)
+  return found
+
+
+def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
+  """Packs `params` of `model` for inference (weights rounded to bfloat16 once).
+
+  Args:
+    model: an `lmjax.CausalLM`, `MaskedLM` or `Seq2SeqLM` (scanned layers or not).
+    params: its raw params tree (or `{"params": tree}`); left unchanged.
+    fmt: the storage format; "bfloat16".
+
+  Returns:
+    `PackedParams`: every projection matrix transposed to `[outputs..., inputs...]` bfloat16,
+    the token embedding `[V, D]` in bfloat16, everything else (norm scales, biases, position
+    tables) as it was.
+
+  Raises:
+    ValueError: an unknown format, params already packed, or params of another model.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown packed format {fmt!r}; formats are {FORMATS}")
+  if isinstance(params, PackedParams):
+    raise ValueError("params are already packed")
+  if isinstance(params, dict) and set(params) == {"params"}:
+    params = params["params"]
+  try:
+    kernels = _kernels(model, params)
+  except Exception as e:  # a params tree that does not fit the model
+    raise ValueError(f"params do not match {type(model).__name__}: {e}") from e
+  flat = flatten_dict(params)
+  out, packed = dict(flat), []
+  for path, (k, ndim) in sorted(kernels.items()):
+    w = flat[path]
+    lead = w.ndim - ndim
+    order = (*range(lead), *range(lead + k, w.ndim), *range(lead, lead + k))
+    out[path] = jnp.transpose(w, order).astype(jnp.bfloat16)
+    packed.append((path, k, lead))
+  for path in flat:
+    if path[-2:] == ("embed", "embedding"):
+      out[path] = flat[path].astype(jnp.bfloat16)
+  return PackedParams(unflatten_dict(out), fmt, tuple(packed))
+
+
+def unpack(packed: PackedParams) -> Any:
+  """The raw params tree back: packed matrices in the model's layout, as float32."""
+  flat = flatten_dict(packed.tree)
+  for path, k, lead in packed.packed:
+    w = flat[path]
+    nfree = w.ndim - lead - k
+    order = (*range(lead), *range(lead + nfree, w.ndim), *range(lead, lead + nfree))
+    flat[path] = jnp.transpose(widen(w), order)
+  for path in flat:
+    if path[-2:] == ("embed", "embedding"):
+      flat[path] = widen(flat[path])
+  return unflatten_dict(flat)
+
+
+# Products with at most this many rows (batch-1 decoding) stream each packed row through one
+# loop per output, and decode loops with at most this many rows keep the widening inside the
+# loop (`loop_variant`). More rows use XLA's matmul on the widened matrix, which XLA hoists
+# out of a decode loop (float32 copies for the loop's duration; 8 rows ran 0.86x as fast as
+# float32 weights, `benchmarks/decode.py`).
+MAX_STREAMED_ROWS = 1
+
+
+def _matmul_t(x: Array, w: Array) -> Array:
+  """`x [M, K] @ widen(w [N, K]).T` in float32."""
+  x = x.astype(jnp.float32)
+  if x.shape[0] <= MAX_STREAMED_ROWS:  # one loop per output streams its row of w
+    return jnp.dot(x, widen(w).T)
+  # A matmul: the widened matrix in `[K, N]` layout (hoisted out of a decode loop by XLA).
+  return jnp.dot(x, jax.lax.optimization_barrier(widen(w).T))
+
+
+def _einsum(m: Einsum, x: Array) -> Array:
+  w = m.get_variable("params", "kernel")  # [outputs..., inputs...]
+  k = project_split(m.eqn)
+  free = m.shape[k:]
+  kdim = math.prod(m.shape[:k])
+  lead = x.shape[:x.ndim - k]
+  y = _matmul_t(x.reshape(-1, kdim), w.reshape(math.prod(free), kdim))
+  y = y.reshape(lead + free).astype(dtype_of(m.dtype))
+  if m.bias_axes is not None:
+    b = m.get_variable("params", "bias").astype(y.dtype)
+    y = y + b.reshape((1,) * (y.ndim - b.ndim) + b.shape)
+  return y
+
+
+def _embedding(m: TokenEmbedding, method: str, x: Array) -> Array:
+  e = m.get_variable("params", "embedding")  # [V, D] bfloat16
+  cfg = m.config
+  if method == "__call__":
+    h = widen(jnp.take(e, x, axis=0)).astype(dtype_of(cfg.dtype))
+    if cfg.scale_embeddings:
+      h = h * jnp.sqrt(jnp.asarray(cfg.model_dim, h.dtype))
+    return h
+  lead = x.shape[:-1]
+  return _matmul_t(x.reshape(-1, x.shape[-1]), e).reshape(lead + (e.shape[0],))
+
+
+def _head(m: nn.Module, x: Array) -> Array:
+  w = m.get_variable("params", "kernel")  # [V, D] bfloat16
+  logits = _matmul_t(x.reshape(-1, x.shape[-1]), w)
+  logits = logits.reshape(x.shape[:-1] + (w.shape[0],))
+  return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def _interceptor(next_fun, args, kwargs, context):
+  from lmjax.transformer import LMHead
+
+  m, name = context.module, context.method_name
+  if isinstance(m, Einsum) and name == "__call__" and project_split(m.eqn):
+    return _einsum(m, args[0])
+  if isinstance(m, TokenEmbedding) and name in ("__call__", "attend"):
+    return _embedding(m, name, args[0])
+  if isinstance(m, LMHead) and name == "__call__" and not m.config.tie_embeddings:
+    return _head(m, args[0])
+  return next_fun(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def reading(packed: PackedParams) -> Iterator[None]:
+  """Within this context, `model.apply({"params": packed.tree}, ...)` reads packed weights."""
+  if packed.fmt not in FORMATS:
+    raise ValueError(f"unknown packed format {packed.fmt!r}; formats are {FORMATS}")
+  with nn.intercept_methods(_interceptor):
+    yield
+
+
+def apply(model: nn.Module, packed: PackedParams, *args, **kwargs):
+  """`model.apply` with packed params: same arguments and results as the unpacked model."""
+  with reading(packed):
+    return model.apply({"params": packed.tree}, *args, **kwargs)
+
+
+def loop_variant(tree: Any, counter: Array) -> Any:
+  """`tree`, made to look loop-dependent to XLA (an optimization barrier with `counter`).
+
+  Inside a decode `while_loop` XLA would otherwise hoist the widening of every packed weight
+  out of the loop: float32 copies of all weights in memory, and twice the bytes per step.
+  """
+  tree, _ = jax.lax.optimization_barrier((tree, counter))
+  return tree

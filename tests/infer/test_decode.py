@@ -363,18 +363,20 @@ def test_command_line(causal, batched, monkeypatch, capsys):
   assert "longer than the model's context" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fmt", lmjax.packed.FORMATS)
 @pytest.mark.parametrize("rows", [1, 3])
-def test_packed_weights_decode_like_the_same_weights_unpacked(causal, rows):
+def test_packed_weights_decode_like_the_same_weights_unpacked(causal, rows, fmt):
   """`lmjax.packed` params (widened inside the loop for one row, hoisted for more) give the
-  tokens of the model on the same bfloat16-rounded weights, compiled and streamed."""
+  tokens of the model on the same (bfloat16-rounded or exact float32) weights, compiled and
+  streamed."""
   model, p = causal
-  def narrow(path, a):  # what packing narrows: matrices, the token embedding
+  def narrow(path, a):  # what packing stores in `fmt`: matrices, the token embedding
     name = jax.tree_util.keystr(path)
     if "kernel" in name or name == "['embed']['embedding']":
-      return a.astype(jnp.bfloat16).astype(jnp.float32)
+      return a.astype(fmt).astype(jnp.float32)
     return a
   rounded = jax.tree_util.tree_map_with_path(narrow, p)
-  pk = lmjax.packed.pack(model, p)
+  pk = lmjax.packed.pack(model, p, fmt)
   prompts = PROMPTS[:rows]
   want = infer.generate(model, rounded, prompts, max_new_tokens=M, ignore_eos=True)
   got = infer.generate(model, pk, prompts, max_new_tokens=M, ignore_eos=True)

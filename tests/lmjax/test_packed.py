@@ -12,12 +12,12 @@ from lmjax import packed
 from tests.lmjax.helpers import init, tiny, tokens
 
 
-def _rounded(params):
-  """The params with what packing narrows (matrices, the embedding) rounded to bfloat16."""
+def _rounded(params, fmt="bfloat16"):
+  """The params with what packing stores in `fmt` (matrices, the embedding) rounded to it."""
   def r(path, a):
     name = jax.tree_util.keystr(path)
     if "kernel" in name or "['embed']['embedding']" in name:
-      return a.astype(jnp.bfloat16).astype(jnp.float32)
+      return a.astype(fmt).astype(jnp.float32)
     return a
   return jax.tree_util.tree_map_with_path(r, params)
 
@@ -41,26 +41,31 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("fmt", packed.FORMATS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_packed_forward_equals_the_model_on_the_same_weights(name):
+def test_packed_forward_equals_the_model_on_the_same_weights(name, fmt):
   cfg, n_inputs = CASES[name]
   x = tokens(0, 2, 12)
   inputs = (x,) * n_inputs
   model, params = init(cfg, *inputs)
-  pk = packed.pack(model, params)
-  want = model.apply({"params": _rounded(params)}, *inputs)
+  pk = packed.pack(model, params, fmt)
+  want = model.apply({"params": _rounded(params, fmt)}, *inputs)
   got = packed.apply(model, pk, *inputs)
+  # One row too: the path that streams each row of the matrices (and materialises the
+  # attention output flat before its projection).
+  np.testing.assert_allclose(np.asarray(packed.apply(model, pk, *(a[:1] for a in inputs))),
+                             np.asarray(want[:1]), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   # Every projection was packed, output-major, 2 bytes per weight.
   n_einsums = sum(1 for path in jax.tree_util.tree_flatten_with_path(params)[0]
                   if "kernel" in jax.tree_util.keystr(path[0]))
   assert len(pk.packed) == n_einsums
-  for path, _, _ in pk.packed:
+  for path, _, _, _ in pk.packed:
     w = pk.tree
     for name in path:
       w = w[name]
-    assert w.dtype == jnp.bfloat16
-  for a, b in zip(jax.tree.leaves(packed.unpack(pk)), jax.tree.leaves(_rounded(params)),
+    assert w.dtype == fmt
+  for a, b in zip(jax.tree.leaves(packed.unpack(pk)), jax.tree.leaves(_rounded(params, fmt)),
                   strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -71,12 +76,16 @@ def test_layout_is_output_major():
   pk = packed.pack(model, params)
   att = params["decoder"]["layers_0"]["self_attention"]
   patt = pk.tree["decoder"]["layers_0"]["self_attention"]
-  # query [D, N, H] -> [N, H, D]; out [N, H, D] -> [D, N, H]
+  # query [D, N, H] -> [N * H, D]; out [N, H, D] -> [D, N * H]
+  nh = cfg.num_heads * cfg.resolved_head_dim
   np.testing.assert_array_equal(
       np.asarray(patt["query"]["kernel"], np.float32),
-      np.asarray(jnp.transpose(att["query"]["kernel"], (1, 2, 0)).astype(jnp.bfloat16),
-                 np.float32))
-  assert patt["out"]["kernel"].shape == (cfg.model_dim, cfg.num_heads, cfg.resolved_head_dim)
+      np.asarray(jnp.transpose(att["query"]["kernel"], (1, 2, 0)).reshape(nh, cfg.model_dim)
+                 .astype(jnp.bfloat16), np.float32))
+  np.testing.assert_array_equal(
+      np.asarray(patt["out"]["kernel"], np.float32),
+      np.asarray(jnp.transpose(att["out"]["kernel"], (2, 0, 1)).reshape(cfg.model_dim, nh)
+                 .astype(jnp.bfloat16), np.float32))
 
 
 def test_bad_input():

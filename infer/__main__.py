@@ -8,10 +8,11 @@
 `--workdir` loads the latest checkpoint and tokenizer of a pretraining run
 (`lmjax.checkpoint.load_run`); `--model` a pretrained model by name or path
 (`lmjax.load_pretrained`). `--chat` renders the message with the tokenizer's chat template
-(`infer.prompts.render_chat`) before generating. `--packed [bfloat16|float32]` decodes from
-weights laid out for the CPU's matrix-vector products (`lmjax.packed`; bfloat16 by default).
-Output streams token by token when stdout is a terminal and one sequence is asked for
-(`--stream` / `--no-stream` override).
+(`infer.prompts.render_chat`) before generating. On a CPU, one sequence decodes from weights
+laid out for the CPU's matrix-vector products (`lmjax.packed`, in the params' own dtype:
+float32 stays exact); `--packed bfloat16|float32` asks for a format, `--packed none` decodes
+from the params as loaded. Output streams token by token when stdout is a terminal and one
+sequence is asked for (`--stream` / `--no-stream` override).
 
 Sampler: `--sampler greedy|random|temperature|top-k|top-p`; without it, the flags decide
 (`--top-k`/`--top-p`: top-k then top-p; `--temperature` alone: temperature), and with no flags
@@ -25,7 +26,11 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
+
 from infer import sampling
+from lmjax.packed import FORMATS as PACKED_FORMATS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,10 +53,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--stop", action="append", help="a stop string (repeatable)")
   p.add_argument("--dtype", default="float32", help="with --model: the params dtype")
-  p.add_argument("--packed", nargs="?", const="bfloat16", choices=("bfloat16", "float32"),
-                 help="store the weights packed (lmjax.packed: output-major, bfloat16 unless "
-                      "float32 is given; the fastest batch-1 decoding on a CPU; float32 "
-                      "activations)")
+  p.add_argument("--packed", nargs="?", const="bfloat16", default="auto",
+                 choices=("auto", "none", *PACKED_FORMATS),
+                 help="decode from packed weights (lmjax.packed: output-major, the fastest "
+                      "batch-1 decoding on a CPU, float32 activations). auto (default): on a "
+                      "CPU for one sequence, in the params' dtype; --packed alone: bfloat16")
   p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                  help="print tokens as they come (default: on a terminal, for one sequence)")
   return p
@@ -68,6 +74,18 @@ def make_sampler(args) -> sampling.BaseSampler:
   if args.temperature is not None:
     return sampling.Temperature(args.temperature)
   return sampling.TopP(0.9)
+
+
+def packed_format(choice: str, params, one_row: bool) -> str | None:
+  """The `lmjax.packed` format `--packed choice` asks for (None: the params as loaded)."""
+  if choice == "none":
+    return None
+  if choice != "auto":
+    return choice
+  if jax.default_backend() != "cpu" or not one_row:
+    return None  # packing is a batch-1 CPU layout
+  bf16 = any(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+  return "bfloat16" if bf16 else "float32"
 
 
 def load(args):
@@ -104,8 +122,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   from infer import decode, prompts, streaming
 
   model = lmjax.model_for(config)
-  if args.packed:
-    params = lmjax.packed.pack(model, params, args.packed)
   if args.chat is not None:
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.chat})
@@ -113,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   else:
     texts = args.prompt
   n_out = len(texts) * args.num_samples
+  fmt = packed_format(args.packed, params, n_out == 1 and args.best_of is None)
+  if fmt is not None:
+    params = lmjax.packed.pack(model, params, fmt)
   stream = args.stream
   if stream is None:
     stream = sys.stdout.isatty() and n_out == 1 and args.best_of is None

@@ -363,6 +363,33 @@ def test_command_line(causal, batched, monkeypatch, capsys):
   assert "longer than the model's context" in capsys.readouterr().err
 
 
+def test_command_line_packs_the_weights_for_one_sequence_on_a_cpu(causal, monkeypatch):
+  """`--packed auto` (the default): one sequence on a CPU decodes from `lmjax.packed` weights
+  in the params' dtype; several sequences, or `--packed none`, from the params as loaded."""
+  from infer import __main__ as cli
+  model, p = causal
+  bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p)
+  assert jax.default_backend() == "cpu"
+  assert cli.packed_format("auto", p, one_row=True) == "float32"
+  assert cli.packed_format("auto", bf16, one_row=True) == "bfloat16"
+  assert cli.packed_format("auto", p, one_row=False) is None
+  assert cli.packed_format("none", p, one_row=True) is None
+  assert cli.packed_format("bfloat16", p, one_row=False) == "bfloat16"
+  assert cli._parser().parse_args(["--model", "m", "--chat", "hi", "--packed"]).packed == (
+      "bfloat16")
+  seen = []
+  real = lmjax.packed.pack
+  monkeypatch.setattr(lmjax.packed, "pack", lambda m, q, fmt: seen.append(fmt) or real(m, q, fmt))
+  monkeypatch.setattr(lmjax, "load_pretrained", lambda name, dtype: (model.config, p,
+                                                                    CharTokenizer()),
+                      raising=False)
+  base = ["--model", "tiny", "--max-new-tokens", "2", "--sampler", "greedy", "--no-stream"]
+  assert cli.main([*base, "--prompt", "ab"]) == 0
+  assert cli.main([*base, "--prompt", "ab", "--prompt", "cd"]) == 0
+  assert cli.main([*base, "--prompt", "ab", "--packed", "none"]) == 0
+  assert seen == ["float32"]
+
+
 @pytest.mark.parametrize("fmt", lmjax.packed.FORMATS)
 @pytest.mark.parametrize("rows", [1, 3])
 def test_packed_weights_decode_like_the_same_weights_unpacked(causal, rows, fmt):

@@ -171,8 +171,8 @@ def unpack(packed: PackedParams) -> Any:
 # Products with at most this many rows (batch-1 decoding) stream each packed row through one
 # loop per output, and decode loops with at most this many rows keep the widening inside the
 # loop (`loop_variant`). More rows use XLA's matmul on the widened matrix, which XLA hoists
-# out of a decode loop (float32 copies for the loop's duration; 8 rows ran 0.79x (smollm2
-# shape) to 1.0x (demo) as fast as float32 weights, `benchmarks/decode.py`).
+# out of a decode loop (float32 copies for the loop's duration; 8 rows ran 0.82x (smollm2
+# shape) to 0.91x (demo) as fast as the model's own float32 params, `benchmarks/decode.py`).
 MAX_STREAMED_ROWS = 1
 
 
@@ -198,7 +198,7 @@ def _flat_copy(x: Array) -> Array:
   third of its speed. A reduction is never fused into a dot, so summing `x` with zeros over a
   new axis of two materialises it in `[M, K]` (an optimization barrier does not: the CPU
   pipeline removes barriers before fusion). Whole decode step, SmolLM2-135M packed bfloat16
-  batch 1: 17.6 ms -> 11.3 ms (one traced run each, `benchmarks/decode.py`'s profile).
+  batch 1: 17.6 ms -> 11.3 ms (a profiled decode loop each, this CPU).
   """
   return jnp.sum(jnp.stack([x, jnp.zeros_like(x)], axis=-1), axis=-1)
 

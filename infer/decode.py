@@ -213,7 +213,7 @@ class Decoder:
   def _step(self, params, state, consts) -> dict:
     prev = jax.lax.dynamic_slice_in_dim(state["out"], state["t"] - 1, 1, axis=1)  # [R, 1]
     if (isinstance(params, packed_lib.PackedParams)
-        and self.plan.rows <= packed_lib.MAX_STREAMED_ROWS):  # widen inside the loop
+        and self.plan.rows <= packed_lib.MAX_STREAMED_ROWS):  # read packed rows in the loop
       params = params.replace(tree=packed_lib.loop_variant(params.tree, state["t"]))
     if self.plan.seq2seq:
       logits, cache = self._apply(params, None, prev, cache=state["cache"])
@@ -306,7 +306,7 @@ def generate(model, params, prompts, *, tokenizer=None, max_new_tokens: int = 64
   Args:
     model: an `lmjax.CausalLM` or `lmjax.Seq2SeqLM`.
     params: its params (the raw tree, or `{"params": tree}`), or `lmjax.packed.pack(model,
-      params)` (bfloat16 weights laid out for fast batch-1 decoding on the CPU).
+      params, fmt)` (bfloat16 or float32 weights laid out for fast batch-1 decoding on a CPU).
     prompts: a string, a list of token ids, or a list of either (B prompts of any lengths).
       Strings are encoded with `tokenizer`; a `Seq2SeqLM` source gets EOS at the end (as in
       training). Token-id prompts are used as given.

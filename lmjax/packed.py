@@ -264,8 +264,9 @@ def apply(model: nn.Module, packed: PackedParams, *args, **kwargs):
 def loop_variant(tree: Any, counter: Array) -> Any:
   """`tree`, made to look loop-dependent to XLA (an optimization barrier with `counter`).
 
-  Inside a decode `while_loop` XLA would otherwise hoist the widening of every packed weight
-  out of the loop: float32 copies of all weights in memory, and twice the bytes per step.
+  Inside a decode `while_loop` XLA would otherwise hoist the widening (bfloat16) or the
+  transposed layout copy of every packed weight out of the loop: float32 copies of all weights
+  in memory, read by library products instead of the per-output loops.
   """
   tree, _ = jax.lax.optimization_barrier((tree, counter))
   return tree

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import importlib
 
-_SUBMODULES = ("decode", "requests", "streaming", "sampling", "prompts", "flash_attention")
+_SUBMODULES = ("decode", "requests", "streaming", "stops", "sampling", "prompts",
+               "flash_attention")
 _EXPORTS = {  # name: the submodule that defines it
     **dict.fromkeys(("generate", "GenerateResult", "Candidate", "mean_log_prob"), "decode"),
-    **dict.fromkeys(("stream", "StreamStep"), "streaming"),
+    **dict.fromkeys(("stream", "StreamStep", "drain"), "streaming"),
 }
 
 __all__ = [*_SUBMODULES, *_EXPORTS]

@@ -7,52 +7,122 @@
 
 `--workdir` loads the latest checkpoint and tokenizer of a pretraining run
 (`lmjax.checkpoint.load_run`); `--model` a pretrained model by name or path
-(`lmjax.load_pretrained`). `--chat` renders the message with the tokenizer's chat template
-(`infer.prompts.render_chat`) before generating. On a CPU, one sequence decodes from weights
-laid out for the CPU's matrix-vector products (`lmjax.packed`, in the params' own dtype:
-float32 stays exact); `--packed bfloat16|float32` asks for a format, `--packed none` decodes
-from the params as loaded. Output streams token by token when stdout is a terminal and one
-sequence is asked for (`--stream` / `--no-stream` override).
+(`lmjax.load_pretrained`); `--dtype` casts the params of either. `--chat` renders the message
+with the tokenizer's chat template (`infer.prompts.render_chat`) before generating. On a CPU,
+one sequence decodes from weights laid out for the CPU's matrix-vector products
+(`lmjax.packed`, in the params' own dtype: float32 stays exact); `--packed bfloat16|float32`
+asks for a format, `--packed none` decodes from the params as loaded. Output streams token by
+token when stdout is a terminal and one sequence is asked for (`--stream` / `--no-stream`
+override).
 
 Sampler: `--sampler greedy|random|temperature|top-k|top-p`; without it, the flags decide
-(`--top-k`/`--top-p`: top-k then top-p; `--temperature` alone: temperature), and with no flags
-it is nucleus sampling with p = 0.9.
+(`--top-k`/`--top-p`: top-k then top-p, at `--temperature` or 1; `--temperature` alone:
+temperature sampling). With no sampling flag: the model's own generation defaults, read as
+transformers reads them (`lmjax.convert.generation_defaults`: a Hugging Face folder's
+generation_config.json, a GGUF file's general.sampling.* keys), else greedy, as transformers'
+`generate` is. SmolLM2's GGUF gives none, so its chat is greedy. The sampler used is printed
+on stderr.
+
+Every argument is checked before anything loads: a bad one exits with status 2 and a line
+saying what is allowed; a model that cannot be loaded exits with status 1.
+
+Cold start. The command keeps two caches under `~/.cache/lmjax` (`$XDG_CACHE_HOME/lmjax`), so
+that a second run skips most of the first one's work: JAX's persistent compilation cache
+(`lmjax.compilation_cache`; `LMJAX_COMPILATION_CACHE=0` turns it off, a path moves it) and,
+for a GGUF `--model`, the converted weights in the layout decoding reads
+(`lmjax.load_pretrained(..., weights_cache=True)`; `LMJAX_WEIGHTS_CACHE=0` / a path). A compiled
+decode loop serves any `--max-new-tokens` within the same multiple of 64 and any prompt length
+within its bucket (`infer.requests` lists what compiles anew). `--timings` prints where the
+time went, on stderr (JSON): import, load (packing included for --model: pack is null), pack,
+compile (tracing, lowering, and compiling or reading the cache, up to the first token), the
+first token's compute (with the prompt's rendering), and how many executables the process
+compiled or read from the cache.
 """
 
+# ruff: noqa: E402  (the clock starts before the imports, for --timings)
 from __future__ import annotations
 
+import time
+
+_T0 = time.perf_counter()
+
 import argparse
-import importlib
+import json
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
 
+import lmjax
 from infer import sampling
+from infer.requests import MAX_SEED
+from lmjax.config import DTYPES
 from lmjax.packed import FORMATS as PACKED_FORMATS
+
+PROG = "python -m infer"
+_SAMPLING_FLAGS = ("sampler", "temperature", "top_k", "top_p")
+
+
+def _int_at_least(low: int):
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f"{value} is not an integer >= {low}")
+    return value
+  return parse
+
+
+def _seed(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    value = -1
+  if not 0 <= value < MAX_SEED:
+    raise argparse.ArgumentTypeError(f"{text} is not an integer in [0, 2**31)")
+  return value
+
+
+def _nonempty(text: str) -> str:
+  if not text:
+    raise argparse.ArgumentTypeError("must not be empty")
+  return text
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m infer", description=__doc__.split("\n\n")[0],
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--workdir", help="a pretraining run's directory (latest checkpoint)")
   src.add_argument("--model", help="a pretrained model's name or path (lmjax.load_pretrained)")
   what = p.add_mutually_exclusive_group(required=True)
-  what.add_argument("--prompt", action="append", help="text to continue (repeat for a batch)")
-  what.add_argument("--chat", help="a user message, rendered with the chat template")
-  p.add_argument("--system", help="with --chat: a system message first")
-  p.add_argument("--sampler", choices=sampling.NAMES, help="default: see above")
-  p.add_argument("--temperature", type=float)
-  p.add_argument("--top-k", type=int)
-  p.add_argument("--top-p", type=float)
-  p.add_argument("--num-samples", type=int, default=1, help="sequences per prompt")
-  p.add_argument("--best-of", type=int, help="generate N, print the best (mean log-prob)")
-  p.add_argument("--max-new-tokens", type=int, default=64)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--stop", action="append", help="a stop string (repeatable)")
-  p.add_argument("--dtype", default="float32", help="with --model: the params dtype")
+  what.add_argument("--prompt", action="append", type=_nonempty,
+                    help="text to continue (repeat for a batch)")
+  what.add_argument("--chat", type=_nonempty,
+                    help="a user message, rendered with the model's chat template")
+  p.add_argument("--system", type=_nonempty, help="with --chat: a system message first")
+  p.add_argument("--sampler", choices=sampling.NAMES,
+                 help="how tokens are picked (default: with no --temperature/--top-k/--top-p, "
+                      "the model's own generation defaults from its generation_config.json or "
+                      "GGUF general.sampling.* keys, else greedy)")
+  p.add_argument("--temperature", type=float, help=">= 0; 0 is greedy")
+  p.add_argument("--top-k", type=int, help=">= 1: sample among the k most likely tokens")
+  p.add_argument("--top-p", type=float, help="in (0, 1]: nucleus sampling")
+  p.add_argument("--num-samples", type=_int_at_least(1), default=1,
+                 help="sequences per prompt (default: 1)")
+  p.add_argument("--best-of", type=_int_at_least(1),
+                 help="generate N (>= --num-samples), print the best (mean log-prob)")
+  p.add_argument("--max-new-tokens", type=_int_at_least(1), default=64,
+                 help="tokens to generate at most (default: 64)")
+  p.add_argument("--seed", type=_seed, default=0, help="in [0, 2**31) (default: 0)")
+  p.add_argument("--stop", action="append", type=_nonempty, help="a stop string (repeatable)")
+  p.add_argument("--dtype", choices=DTYPES,
+                 help="cast the params to this dtype (default: float32 for --model, the run's "
+                      "own for --workdir)")
   p.add_argument("--packed", nargs="?", const="bfloat16", default="auto",
                  choices=("auto", "none", *PACKED_FORMATS),
                  help="decode from packed weights (lmjax.packed: output-major, the fastest "
@@ -60,11 +130,33 @@ def _parser() -> argparse.ArgumentParser:
                       "CPU for one sequence, in the params' dtype; --packed alone: bfloat16")
   p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                  help="print tokens as they come (default: on a terminal, for one sequence)")
+  p.add_argument("--timings", action="store_true",
+                 help="print a breakdown of the time to the first token on stderr, as JSON: "
+                      "import, load, pack, compile, first token")
   return p
 
 
-def make_sampler(args) -> sampling.BaseSampler:
-  """The sampler the flags ask for (module docstring)."""
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+  """The checks that span several arguments (argparse does each one's own); exits with
+  `parser.error` on the first problem."""
+  if args.system is not None and args.chat is None:
+    parser.error("--system needs --chat (it is the system message of a chat)")
+  if args.best_of is not None and args.best_of < args.num_samples:
+    parser.error(f"--best-of {args.best_of} must be >= --num-samples {args.num_samples}")
+  n_out = (1 if args.chat is not None else len(args.prompt)) * args.num_samples
+  if args.stream and (n_out > 1 or args.best_of is not None):
+    parser.error("--stream prints one sequence: one prompt, one sample, no --best-of "
+                 "(use --no-stream)")
+
+
+def make_sampler(args, defaults: dict[str, Any] | None = None) -> sampling.BaseSampler:
+  """The sampler the flags ask for; with no sampling flag, the model's generation defaults
+  (`lmjax.convert.generation_defaults`, transformers' meaning: top_k 0 and top_p 1 are off),
+  else greedy (module docstring).
+
+  Raises:
+    ValueError: a bad flag value, or generation defaults no sampler takes (naming their file).
+  """
   if args.sampler is not None:
     return sampling.from_name(args.sampler, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p)
@@ -73,54 +165,172 @@ def make_sampler(args) -> sampling.BaseSampler:
                             top_k=args.top_k, top_p=args.top_p)
   if args.temperature is not None:
     return sampling.Temperature(args.temperature)
-  return sampling.TopP(0.9)
+  if defaults is None or not defaults["do_sample"]:
+    return sampling.Greedy()
+  try:
+    return sampling.Sampler(temperature=defaults["temperature"],
+                            top_k=defaults["top_k"] or None,
+                            top_p=None if defaults["top_p"] == 1 else defaults["top_p"])
+  except ValueError as e:
+    raise ValueError(f"the model's generation defaults ({defaults['source']}) give no usable "
+                     f"sampler: {e}") from e
 
 
-def packed_format(choice: str, params, one_row: bool) -> str | None:
-  """The `lmjax.packed` format `--packed choice` asks for (None: the params as loaded)."""
+def _fail(message: str) -> NoReturn:
+  """A problem with the model's files (not the arguments): one line, exit status 1."""
+  print(f"{PROG}: error: {message}", file=sys.stderr)
+  raise SystemExit(1)
+
+
+def packed_format(choice: str, bf16: bool, one_row: bool) -> str | None:
+  """The `lmjax.packed` format `--packed choice` asks for (None: the params as loaded), for
+  params in bfloat16 (`bf16`) or not, decoding one sequence (`one_row`) or more."""
   if choice == "none":
     return None
   if choice != "auto":
     return choice
   if jax.default_backend() != "cpu" or not one_row:
     return None  # packing is a batch-1 CPU layout
-  bf16 = any(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
   return "bfloat16" if bf16 else "float32"
 
 
-def load(args):
-  """(config, params, tokenizer) of `--workdir` or `--model`."""
-  import lmjax
-
-  if args.workdir is not None:
-    try:
-      checkpoint = importlib.import_module("lmjax.checkpoint")
-    except ImportError as e:
-      raise SystemExit(f"--workdir needs lmjax.checkpoint.load_run, which is missing: {e}") from e
-    loader, source = (lambda: checkpoint.load_run(args.workdir)), args.workdir
-  else:
-    if not hasattr(lmjax, "load_pretrained"):
-      raise SystemExit("--model needs lmjax.load_pretrained, which is missing in this install")
-    loader, source = (lambda: lmjax.load_pretrained(args.model, dtype=args.dtype)), args.model
+def load(args, one_row: bool = False, weights_cache: bool = False, clock=None):
+  """(config, params, tokenizer) of `--workdir` or `--model`, in `--dtype` when given, packed
+  as `--packed` asks (`packed_format`; for `--model` at load, from the converted-weights cache
+  when `weights_cache`). `clock`: a `Timings` told when loading and packing end."""
+  source = args.workdir if args.workdir is not None else args.model
   try:
-    return loader()
+    if args.workdir is not None:
+      config, params, tokenizer = lmjax.checkpoint.load_run(args.workdir)
+    else:
+      dtype = args.dtype or "float32"
+      kw: dict[str, Any] = {"weights_cache": True} if weights_cache else {}
+      fmt = packed_format(args.packed, dtype == "bfloat16", one_row)
+      if fmt is not None:
+        kw["packed"] = fmt
+      loaded = lmjax.load_pretrained(args.model, dtype=dtype, **kw)
+      if clock:
+        clock.phase("load")  # packing included
+      return loaded
   except (OSError, ValueError) as e:
-    raise SystemExit(f"error: cannot load {source!r}: {e}") from e
+    _fail(f"cannot load {source!r}: {e}")
+  if args.dtype is not None:
+    config = config.replace(dtype=args.dtype, param_dtype=args.dtype)
+    params = jax.tree.map(lambda x: jnp.asarray(x, args.dtype), params)
+  if clock:
+    clock.phase("load")
+  bf16 = any(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+  fmt = packed_format(args.packed, bf16, one_row)
+  if fmt is not None:
+    params = lmjax.packed.pack(lmjax.model_for(config), params, fmt)
+  if clock:
+    clock.phase("pack")
+  return config, params, tokenizer
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+class Timings:
+  """`--timings`: wall-clock phases since the process imported this module, with JAX's own
+  compile events (tracing, lowering, and compiling or reading the persistent cache) during
+  generation counted apart from the first token's compute, and the executables the whole
+  process compiled or read from the cache."""
+
+  def __init__(self):
+    self.phases: dict[str, float | None] = {"import_s": time.perf_counter() - _T0}
+    self.last = time.perf_counter()
+    self.compile_s, self.executables, self.hits = 0.0, 0, 0  # since generation started
+    self.all_executables, self.all_hits = 0, 0  # the whole process
+    self.first: dict[str, float] | None = None
+    jax.monitoring.register_event_duration_secs_listener(self._duration)
+    jax.monitoring.register_event_listener(self._event)
+
+  def _duration(self, event: str, secs: float, **kwargs) -> None:
+    if event in _COMPILE_EVENTS:
+      self.compile_s += secs
+      if event == _COMPILE_EVENTS[-1]:
+        self.executables += 1
+        self.all_executables += 1
+
+  def _event(self, event: str, **kwargs) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+      self.hits += 1
+      self.all_hits += 1
+
+  def phase(self, name: str) -> None:
+    """Ends phase `name` (it ran since the previous one ended)."""
+    now = time.perf_counter()
+    self.phases[f"{name}_s"] = now - self.last
+    self.last = now
+
+  def generation(self) -> None:
+    """Generation starts (the prompt rendered, tokenized, ...): its compiles counted alone."""
+    self.phases.setdefault("pack_s", None)  # None: --model packs at load
+    self.last = time.perf_counter()
+    self.compile_s, self.executables, self.hits = 0.0, 0, 0
+
+  def first_token(self) -> None:
+    if self.first is None:
+      took = time.perf_counter() - self.last
+      self.first = {"compile_s": self.compile_s, "first_token_s": took - self.compile_s,
+                    "executables": self.executables, "cache_hits": self.hits}
+
+  def report(self, mode: str, new_tokens: int) -> str:
+    """The `timings: {...}` line; stops listening to JAX's events."""
+    jax.monitoring.unregister_event_duration_listener(self._duration)
+    jax.monitoring.unregister_event_listener(self._event)
+    self.first_token()  # generate (no stream): its first token came with the last
+    out = {**self.phases, **self.first, "total_s": time.perf_counter() - _T0,
+           "process_executables": self.all_executables,
+           "process_compiled": self.all_executables - self.all_hits, "mode": mode,
+           "new_tokens": new_tokens}
+    return "timings: " + json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                                     for k, v in out.items()})
+
+
+def main(argv: Sequence[str] | None = None, *, caches: bool = False) -> int:
+  """The command line; `caches`: use lmjax's compilation and converted-weights caches (module
+  docstring), as `python -m infer` does (a call from Python, as in tests, leaves them alone)."""
   parser = _parser()
   args = parser.parse_args(argv)
-  try:
-    sampler = make_sampler(args)
-  except ValueError as e:
-    parser.error(str(e))
-  config, params, tokenizer = load(args)
+  check_args(parser, args)
+  clock = Timings() if args.timings else None
+  if caches:
+    lmjax.compilation_cache.enable_for_command(PROG)
+  if any(getattr(args, k) is not None for k in _SAMPLING_FLAGS):
+    try:
+      sampler = make_sampler(args)
+    except ValueError as e:
+      parser.error(str(e))
+    why = "from the flags"
+  else:  # the model's own defaults: read its small files, before the weights
+    defaults = None
+    if args.model is not None:
+      try:
+        defaults = lmjax.convert.generation_defaults(args.model)
+      except (OSError, ValueError) as e:
+        _fail(f"cannot load {args.model!r}: {e}")
+    try:
+      sampler = make_sampler(args, defaults)
+    except ValueError as e:
+      _fail(str(e))
+    why = ("no generation defaults in the model's files" if defaults is None
+           else f"the model's generation defaults, {defaults['source']}")
+  name = "greedy" if isinstance(sampler, sampling.Greedy) else repr(sampler)
+  print(f"sampler: {name} ({why})", file=sys.stderr)
+
+  n_out = (1 if args.chat is not None else len(args.prompt)) * args.num_samples
+  one_row = n_out == 1 and args.best_of is None
+  config, params, tokenizer = load(args, one_row, caches, clock)
   if tokenizer is None:
-    raise SystemExit("the loaded model has no tokenizer; python -m infer needs one")
-  import lmjax
+    _fail("the loaded model has no tokenizer; python -m infer needs one")
   from infer import decode, prompts, streaming
 
+  if clock:
+    clock.generation()
   model = lmjax.model_for(config)
   if args.chat is not None:
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -128,39 +338,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     texts = [prompts.render_chat(messages, tokenizer, add_generation_prompt=True)]
   else:
     texts = args.prompt
-  n_out = len(texts) * args.num_samples
-  fmt = packed_format(args.packed, params, n_out == 1 and args.best_of is None)
-  if fmt is not None:
-    params = lmjax.packed.pack(model, params, fmt)
   stream = args.stream
   if stream is None:
-    stream = sys.stdout.isatty() and n_out == 1 and args.best_of is None
+    stream = sys.stdout.isatty() and one_row
   kw = dict(tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, sampler=sampler,
             seed=args.seed, stop=args.stop, num_samples=args.num_samples,
-            add_bos=False if args.chat is not None else None)  # a chat template writes its own
+            add_bos=None)  # the tokenizer's convention, as in training (train.chat_data)
   try:
     if stream:
-      if args.best_of is not None or n_out > 1:
-        raise ValueError("--stream prints one sequence: one prompt, one sample, no --best-of "
-                         "(use --no-stream)")
       gen = streaming.stream(model, params, texts, **kw)
       if args.chat is None:
         sys.stdout.write(texts[0])
-      while True:
-        try:
-          step = next(gen)
-        except StopIteration as e:
-          result = e.value
-          break
-        piece = step.text[0]
-        sys.stdout.write(piece)
+      def show(step):
+        if clock:
+          clock.first_token()
+        sys.stdout.write(step.text[0])
         sys.stdout.flush()
+      result = streaming.drain(gen, show)
       sys.stdout.write(f"\n[{result.stop_reason[0]}, {len(result.tokens[0])} tokens]\n")
+      if clock:
+        print(clock.report("stream", len(result.tokens[0])), file=sys.stderr)
       return 0
     result = decode.generate(model, params, texts, best_of=args.best_of, **kw)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
+  except ValueError as e:  # what depends on the model: a prompt longer than its context, ...
+    print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
+  if clock:
+    print(clock.report("generate", sum(map(len, result.tokens))), file=sys.stderr)
   n = result.num_samples
   for k in range(len(result)):
     i, j = divmod(k, n)
@@ -173,4 +377,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(caches=True))

@@ -8,11 +8,19 @@
    the encoder runs once, the cross-attention keys and values are cached, and decoding starts
    from a start token;
 2. a `jax.lax.while_loop` that samples a token per row and feeds it back, one step per token.
-   A row stops at its EOS, at the end of any stop sequence, or after `max_new_tokens`; from then
-   on its outputs are padding (log-prob 0), and the loop exits as soon as every row is done.
+   A row stops at its EOS, at the end of any token-id stop sequence, at the token whose text
+   completes a stop string (matched on the decoded bytes, however the model split the string
+   into tokens: `infer.stops`), or after `max_new_tokens`; from then on its outputs are padding
+   (log-prob 0), and the loop exits as soon as every row is done.
 
 The request is checked and its shapes bucketed first, before any compute (`infer.requests`).
-A compiled loop is kept per (model config, shapes).
+A compiled loop is kept per (model, `Plan`): one executable per plan for `generate` (the
+prefill and the `while_loop` together), two for `stream` (`start`, `step`). The plan holds only
+bucketed shapes and static switches; which settings change it, and so compile again, is listed
+in `infer.requests` (not: `max_new_tokens` within its bucket of 64, prompt lengths within
+their bucket, seeds, sampler values, stop contents). Params, prompts and settings are arguments
+of the jitted functions, never closed over, so `lmjax.compilation_cache` finds the executables
+again in the next process.
 
 Randomness, per row: the key of prompt i's sample j at step t is
 `fold_in(fold_in(fold_in(key(seed_i), r_i), j), t)`, with `seed_i = seed, r_i = i` for an int
@@ -37,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lmjax
-from infer import sampling
+from infer import sampling, stops
 from infer.requests import MAX_SEED, Plan, Request, is_int, prepare, prompt_bucket, split_prompts
 from lmjax import packed as packed_lib
 
@@ -67,11 +75,13 @@ class Candidate:
   """One generated sequence (what a best-of scorer sees).
 
   Attributes:
-    tokens: the new tokens, through the EOS or stop sequence that ended it.
+    tokens: the new tokens, through the EOS, the token-id stop sequence, or the token whose text
+      completed a stop string, that ended it.
     log_probs: the model's log-probability of each token (raw logits, before the sampler's
       temperature and truncation), aligned with `tokens`.
     stop_reason: "eos", "stop" or "length".
-    text: the decoded tokens without the closing EOS / stop sequence (None without tokenizer).
+    text: the decoded tokens without the closing EOS / token-id stop sequence, and cut before
+      the first occurrence of a stop string (None without tokenizer).
   """
 
   tokens: list[int]
@@ -86,10 +96,12 @@ class GenerateResult:
   sample j.
 
   Attributes:
-    tokens: new tokens per sequence, through the EOS / stop sequence that ended it.
+    tokens: new tokens per sequence, through the EOS / token-id stop sequence / token that
+      completed a stop string that ended it (that token may hold text past the stop string).
     log_probs: per-token model log-probs (see `Candidate`).
     stop_reason: "eos" | "stop" | "length" per sequence.
-    text: decoded continuations (closing EOS / stop sequence removed), or None without tokenizer.
+    text: decoded continuations (closing EOS / token-id stop sequence removed; cut before the
+      first stop string, which is left out), or None without tokenizer.
     prompt_tokens: the token ids of each prompt, as fed to the model.
     num_samples: sequences per prompt.
     scores: best-of only: the scorer's value of each returned sequence.
@@ -185,7 +197,12 @@ class Decoder:
     is_stop = jnp.zeros_like(done)
     if p.stop_shape[0]:
       ok = (recent[:, None, :] == consts["stops"][None]) | ~consts["stop_valid"][None]
-      is_stop = jnp.any(jnp.all(ok, axis=2), axis=1) & active & ~is_eos
+      is_stop = jnp.any(jnp.all(ok, axis=2), axis=1)
+    if p.text_stops[0]:
+      hit, tail = stops.match(state["tail"], tok, consts)
+      is_stop = is_stop | hit
+      new["tail"] = jnp.where(active[:, None], tail, state["tail"])
+    is_stop = is_stop & active & ~is_eos
     at_len = (t + 1 >= consts["max_new"]) & active & ~is_eos & ~is_stop
     reason = jnp.where(is_eos, _EOS, jnp.where(is_stop, _STOP, jnp.where(
         at_len, _LENGTH, state["reason"])))
@@ -206,6 +223,8 @@ class Decoder:
         "n": jnp.zeros((r,), jnp.int32),
         "recent": jnp.full((r, p.stop_shape[1]), -1, jnp.int32),
     }
+    if p.text_stops[0]:
+      state["tail"] = jnp.full((r, p.text_stops[1]), -1, jnp.int32)
     if p.return_logits:
       state["logits"] = jnp.zeros((r, p.buffer, logits.shape[-1]), jnp.float32)
     return self._emit(state, logits, consts)
@@ -250,14 +269,23 @@ def decoder_for(model, plan: Plan) -> Decoder:
 # ------------------------------------------------------------------------------- public API
 
 
-def _trim(tokens: list[int], reason: str, req: Request) -> list[int]:
-  """Tokens without the closing EOS or stop sequence (for text)."""
+def completion_text(tokenizer, tokens: list[int], reason: str, req: Request) -> str:
+  """The returned text of a sequence's new `tokens`: without a closing EOS or token-id stop
+  sequence, and cut before the first stop string when a stop string ended it."""
   if reason == "eos":
-    return tokens[:-1]
+    return decode_text(tokenizer, tokens[:-1])
   if reason == "stop":
-    n = max((len(s) for s in req.stops if tokens[-len(s):] == s), default=0)
-    return tokens[:len(tokens) - n]
-  return tokens
+    n = max((len(s) for s in req.stops if len(s) <= len(tokens) and tokens[-len(s):] == s),
+            default=0)
+    if n:
+      return decode_text(tokenizer, tokens[:len(tokens) - n])
+    text = decode_text(tokenizer, tokens)
+    if req.stop_strings:
+      cut = stops.cut(tokenizer, tokens, text, req.stop_strings, req.vocab)
+      if cut is not None:
+        return cut
+    return text
+  return decode_text(tokenizer, tokens)
 
 
 def unwrap_params(params):
@@ -286,7 +314,7 @@ def collect(req: Request, state: dict, tokenizer) -> GenerateResult:
       logits.append(np.asarray(host["logits"][r, :n]))
   text = None
   if tokenizer is not None:
-    text = [decode_text(tokenizer, _trim(t, s, req)) for t, s in zip(toks, reasons)]
+    text = [completion_text(tokenizer, t, s, req) for t, s in zip(toks, reasons)]
   return GenerateResult(tokens=toks, log_probs=lps, stop_reason=reasons, text=text,
                         prompt_tokens=[list(p) for p in req.prompts],
                         num_samples=req.plan.samples,
@@ -311,12 +339,17 @@ def generate(model, params, prompts, *, tokenizer=None, max_new_tokens: int = 64
       Strings are encoded with `tokenizer`; a `Seq2SeqLM` source gets EOS at the end (as in
       training). Token-id prompts are used as given.
     tokenizer: encodes string prompts and stop strings, gives EOS / pad / BOS ids, decodes.
-    max_new_tokens: at most this many new tokens per sequence (>= 1).
+    max_new_tokens: at most this many new tokens per sequence (>= 1). Traced: another value
+      within the same multiple of `cache_multiple` reuses the compiled loop.
     sampler: an `infer.sampling` sampler (default `Greedy()`); per-row parameters have one
       value per prompt.
     seed: an int, or one int per prompt (module docstring: how rows get their keys).
-    stop: stop sequences (strings, encoded with the tokenizer, or lists of token ids), or one.
-      A sequence stops after generating any of them (matched as tokens).
+    stop: stop strings and/or token-id stop sequences (lists of ints), or one of either. A stop
+      string ends a sequence at the token whose decoded text completes it, however the model
+      split it into tokens ("\\n", "\\n" or one "\\n\\n" token; inside one token too); it needs
+      the tokenizer, and is matched in the compiled loop on the new tokens' bytes (`infer.stops`).
+      `text` is cut before the stop string; `tokens` keep the token that completed it. A
+      token-id sequence ends a sequence when the new tokens end with it; `text` leaves it out.
     eos_id: token id(s) that end a sequence; default the tokenizer's EOS.
     ignore_eos: generate through EOS (until a stop sequence or `max_new_tokens`).
     num_samples: N sequences per prompt (B * N rows in one batch).
@@ -329,8 +362,9 @@ def generate(model, params, prompts, *, tokenizer=None, max_new_tokens: int = 64
       Face tokenizers), which its `encode` has already applied. A doubled leading BOS (a
       template wrote one, `encode` added one) is always made single.
     decoder_start_id: the start token of a `Seq2SeqLM` decoder (default the tokenizer's BOS).
-    cache_size: KV-cache slots per row (default the longest prompt + max_new_tokens rounded up
-      to `cache_multiple`); too small is a ValueError.
+    cache_size: KV-cache slots per row (default: the padded prompt plus the output buffer,
+      `max_new_tokens` rounded up to `cache_multiple`; at most the model's `max_len`; rounded up
+      to `cache_multiple`: it changes only with the buckets); too small is a ValueError.
     return_logits: also return the logits each token was drawn from (for tests and analysis).
 
   Returns:

@@ -15,20 +15,31 @@ registers it as `attention="flash"` for `lmjax.TransformerConfig`.
 
 Backends: `flash_tpu` (Mosaic TPU) and `flash_gpu` (the Triton lowering; its docstring says why
 not Mosaic GPU). The platform picks one; on the CPU, the reference runs unless `interpret=True`
-asks for a kernel to run in the Pallas interpreter (`backend=` picks which).
+asks for a kernel to run in the Pallas interpreter (`backend=` picks which), or the call is
+traced inside `interpret_on_cpu()` (the trainer does this, so a CPU run trains through the
+kernel it would run on a TPU or GPU).
+
+The model reaches the kernel through `mesh_flash_attention`, registered as `attention="flash"`:
+under a mesh (`jax.set_mesh`) it runs the kernel on each device's block of the batch and heads
+in a `shard_map`, because XLA cannot partition a Pallas call by itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
 import numbers
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from infer import flash_common, flash_gpu, flash_tpu
+from infer.requests import round_up as _round_up
 from lmjax.attention_ops import (
     SegmentIds,
     as_segment_ids,
@@ -36,8 +47,10 @@ from lmjax.attention_ops import (
     reference_attention,
     register_attention,
 )
+from lmjax.sharding import LOGICAL_RULES
 
-__all__ = ["BlockSizes", "SegmentIds", "flash_attention", "reference_attention"]
+__all__ = ["BlockSizes", "SegmentIds", "flash_attention", "interpret_on_cpu",
+           "mesh_flash_attention", "reference_attention"]
 
 Array = jax.Array
 _BACKENDS = {"tpu": flash_tpu, "gpu": flash_gpu}
@@ -82,15 +95,33 @@ def _next_pow2(x: int) -> int:
   return 1 << max(x - 1, 0).bit_length()
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
 def _fit_blocks(blocks: list[int], length: int) -> tuple[list[int], int]:
   """Shrinks blocks to the sequence and returns them with the padded length they all divide."""
   cap = _next_pow2(max(length, 16))
   blocks = [min(b, cap) for b in blocks]
   return blocks, _round_up(length, math.lcm(*blocks))
+
+
+# True inside `interpret_on_cpu()`: `interpret=None` on a CPU then interprets the kernel.
+_INTERPRET_ON_CPU = contextvars.ContextVar("lmjax_flash_interpret_on_cpu", default=False)
+
+
+@contextlib.contextmanager
+def interpret_on_cpu():
+  """Within it, `flash_attention(..., interpret=None)` traced on a CPU runs the kernel in the
+  Pallas interpreter instead of falling back to the reference (no effect on a TPU or GPU, where
+  the compiled kernel runs anyway).
+
+  The trainer opens it around everything it traces when a config names `attention="flash"`, so
+  a CPU run trains through the kernel a TPU or GPU run compiles (slowly: the interpreter runs
+  the kernel's block loops as XLA loops). The choice is made while tracing: a function already
+  jitted outside the context keeps the attention it was traced with.
+  """
+  token = _INTERPRET_ON_CPU.set(True)
+  try:
+    yield
+  finally:
+    _INTERPRET_ON_CPU.reset(token)
 
 
 def _resolve_backend(backend: str | None, interpret) -> tuple[str, object]:
@@ -102,9 +133,9 @@ def _resolve_backend(backend: str | None, interpret) -> tuple[str, object]:
   platform = jax.default_backend()
   on_device = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform)
   if interpret is None:
-    if on_device is None:
+    if on_device is None and not _INTERPRET_ON_CPU.get():
       return "reference", False  # A CPU user gets the plain-jnp attention.
-    interpret = False
+    interpret = on_device is None
   if not interpret:
     if on_device is None:
       raise ValueError(
@@ -203,7 +234,8 @@ def flash_attention(
       a query sees only keys of its own segment (packed sequences).
     sm_scale: score scale, a Python number; default `1 / sqrt(H)`.
     block_sizes: `BlockSizes` tiles; None uses the backend's defaults.
-    interpret: None (kernel on TPU/GPU, reference on CPU), False (kernel; needs a TPU or GPU),
+    interpret: None (kernel on TPU/GPU; on a CPU the reference, or the interpreted kernel inside
+      `interpret_on_cpu()`), False (kernel; needs a TPU or GPU),
       True (run the kernel in the generic Pallas interpreter, on any platform), or
       `pallas.tpu.InterpretParams()` (the TPU kernel in the TPU-faithful interpreter, which also
       poisons uninitialized scratch and checks out-of-bounds reads).
@@ -258,5 +290,61 @@ def _flash_bwd(plan, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def _rule(name: str):
+  """The mesh axes (None, a name or a tuple) that lmjax's logical rules give `name`."""
+  return nn.logical_to_mesh_axes((name,), LOGICAL_RULES)[0]
+
+
+def _split(axes, dims: list[int], mesh) -> object:
+  """`axes` when they are all in `mesh` and their size divides every one of `dims`, else None."""
+  if axes is None:
+    return None
+  names = (axes,) if isinstance(axes, str) else tuple(axes)
+  if not set(names) <= set(mesh.axis_names):
+    return None
+  size = math.prod(mesh.shape[a] for a in names)
+  return axes if all(d % size == 0 for d in dims) else None
+
+
+def mesh_flash_attention(
+    q: Array, k: Array, v: Array, *, causal: bool = False, segment_ids=None,
+    sm_scale: float | None = None, **kwargs,
+) -> Array:
+  """`flash_attention`, split over the mesh set by `jax.set_mesh` (the function the model gets
+  for `attention="flash"`).
+
+  A Pallas kernel is one opaque call that XLA cannot partition (Mosaic refuses a call over more
+  than one device), so under a mesh of more than one device this runs it in a `shard_map`: the
+  batch over the mesh axes of lmjax's `activation_batch` rule (data, fsdp) and the query and kv
+  heads over those of `heads` (tensor), each only where it divides the axis (a GQA model with
+  fewer kv heads than the tensor axis keeps its heads whole; the kernel then runs on every
+  tensor shard). Heads split in contiguous groups, so query head n still reads kv head
+  `n // (N // K)`. With no mesh, a one-device mesh, or inside a `shard_map`, this is
+  `flash_attention` itself.
+
+  Args:
+    q, k, v, causal, segment_ids, sm_scale: as in `flash_attention`.
+    **kwargs: `flash_attention`'s `block_sizes`, `interpret` and `backend`.
+  """
+  b, t, s, n, kh, _ = check_shapes(q, k, v)
+  seg = as_segment_ids(segment_ids, t, s)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return flash_attention(q, k, v, causal=causal, segment_ids=seg, sm_scale=sm_scale, **kwargs)
+  batch = _split(_rule("activation_batch"), [b], mesh)
+  heads = _split(_rule("heads"), [n, kh], mesh) if _rule("heads") == _rule("kv_heads") else None
+  spec = PartitionSpec(batch, None, heads, None)
+  arrays, specs = [q, k, v], [spec, spec, spec]
+  if seg is not None:
+    arrays.append(seg)
+    specs.append(SegmentIds(PartitionSpec(batch, None), PartitionSpec(batch, None)))
+
+  def local(q, k, v, seg=None):
+    return flash_attention(q, k, v, causal=causal, segment_ids=seg, sm_scale=sm_scale, **kwargs)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=spec,
+                       check_vma=False)(*arrays)
+
+
 # The model reaches the kernel by name: `TransformerConfig(attention="flash")`.
-register_attention("flash", flash_attention)
+register_attention("flash", mesh_flash_attention)

@@ -36,10 +36,10 @@ the zero-shot trigger "Let's think step by step." (Kojima et al., 2022)::
     A:
 
 chat: `[{"role": "system" | "user" | "assistant", "content": str}, ...]` rendered with the
-tokenizer's chat template (a jinja2 string, rendered as Hugging Face `apply_chat_template`
-does: sandboxed, `trim_blocks`, `lstrip_blocks`, with `messages`, `add_generation_prompt`,
-`bos_token`, `eos_token`, the special tokens, `raise_exception` and `strftime_now`), or, when
-there is none, the plain fallback::
+tokenizer's chat template (a jinja2 string) by `lmjax.convert.render_chat_template`, exactly as
+Hugging Face's `apply_chat_template` renders it (the same template variables: the tokenizer's
+special tokens, `messages`, `add_generation_prompt`, `tools`, `documents`, `raise_exception`,
+`strftime_now`, ...), or, when there is none, the plain fallback::
 
     System: {content}
     User: {content}
@@ -51,11 +51,10 @@ there is none, the plain fallback::
 
 from __future__ import annotations
 
-import datetime
-import functools
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from lmjax.convert.chat_template import render_chat_template, special_tokens_map
 
 __all__ = ["chain_of_thought", "chat_template_of", "few_shot", "render_chat", "zero_shot"]
 
@@ -184,44 +183,6 @@ def chat_template_of(tokenizer: Any) -> str | None:
   return template or None
 
 
-@functools.lru_cache(maxsize=16)
-def _compile(template: str):
-  import jinja2
-  from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-  def raise_exception(message):
-    raise jinja2.exceptions.TemplateError(message)
-
-  def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-  def strftime_now(fmt):
-    return datetime.datetime.now().strftime(fmt)
-
-  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                      extensions=["jinja2.ext.loopcontrols"])
-  env.filters["tojson"] = tojson
-  env.globals["raise_exception"] = raise_exception
-  env.globals["strftime_now"] = strftime_now
-  try:
-    return env.from_string(template)
-  except jinja2.exceptions.TemplateSyntaxError as e:
-    raise ValueError(f"the chat template is not valid jinja: {e}") from e
-
-
-def _special_tokens(tokenizer: Any) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  special = getattr(tokenizer, "special_tokens", None)
-  if isinstance(special, Mapping):
-    out.update({k: v for k, v in special.items() if isinstance(k, str)})
-  for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-    v = getattr(tokenizer, name, None)
-    if isinstance(v, str):
-      out[name] = v
-  return out
-
-
 def render_chat(messages: Sequence[Mapping[str, str]], tokenizer: Any = None, *,
                 chat_template: str | None = None, add_generation_prompt: bool = True,
                 **template_kwargs) -> str:
@@ -229,15 +190,19 @@ def render_chat(messages: Sequence[Mapping[str, str]], tokenizer: Any = None, *,
 
   Args:
     messages: `[{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...]`.
-    tokenizer: supplies `chat_template` and the special-token strings (`bos_token`,
-      `eos_token`, `special_tokens`), when it has them.
+    tokenizer: supplies `chat_template` and the special-token strings it has (`bos_token`,
+      `eos_token`, ...: `lmjax.convert.chat_template.special_tokens_map`).
     chat_template: a jinja2 template overriding the tokenizer's.
     add_generation_prompt: end with the opening of an assistant turn.
-    **template_kwargs: extra variables for the template (`tools=...`, ...).
+    **template_kwargs: extra variables for the template (`tools=...`, `documents=...`, ...);
+      they override the special tokens.
 
   Returns:
     The prompt text. Encode it without adding a BOS when the template already writes one
     (`generate` skips a BOS the text already starts with).
+
+  Raises:
+    ValueError: bad messages, or a template that is not valid jinja or fails on them.
   """
   messages = _check_messages(messages)
   template = chat_template if chat_template is not None else chat_template_of(tokenizer)
@@ -246,12 +211,5 @@ def render_chat(messages: Sequence[Mapping[str, str]], tokenizer: Any = None, *,
     if add_generation_prompt:
       lines.append("Assistant:")
     return "\n".join(lines)
-  import jinja2
-
-  variables = {"bos_token": "", "eos_token": "", **_special_tokens(tokenizer),
-               "tools": None, "documents": None, **template_kwargs}
-  try:
-    return _compile(template).render(messages=messages,
-                                     add_generation_prompt=add_generation_prompt, **variables)
-  except jinja2.exceptions.TemplateError as e:
-    raise ValueError(f"the chat template failed on these messages: {e}") from e
+  return render_chat_template(template, messages, add_generation_prompt=add_generation_prompt,
+                              **{**special_tokens_map(tokenizer), **template_kwargs})

@@ -2,13 +2,27 @@
 
 `prepare` checks a `generate` / `stream` request (every bad input raises ValueError here) and
 builds its arrays: prompts (strings through the tokenizer, or token ids) to right-padded ids,
-seeds, EOS ids and stop sequences, the sampler's per-row values, and the `Plan`, the static
-shapes one compiled loop is built for.
+seeds, EOS ids, token-id stop sequences and the tables of stop strings (`infer.stops`), the
+sampler's per-row values, and the `Plan`, the static shapes one compiled loop is built for.
 
-Shapes are static and bucketed to limit recompiles: prompts are padded to a power of two (at
-least 16; multiples of 128 past 256), the cache holds `prompt + max_new_tokens` rounded up to a
-multiple of `cache_multiple` (64), and the output buffer `max_new_tokens` rounded likewise.
-`max_new_tokens` itself is a traced value.
+Shapes are static and bucketed, so that one compiled loop serves many requests: the prompts
+are padded to `prompt_bucket(longest)` (a power of two >= 16; a multiple of 128 past 256), the
+output buffer holds `max_new_tokens` rounded up to a multiple of `cache_multiple` (64), and the
+KV cache holds the padded prompt plus the buffer, rounded up to `cache_multiple` (at most the
+model's `max_len`, rounded up likewise). The cache is sized from the buckets, not from the
+exact lengths, and `max_new_tokens` itself is a traced value: a different `max_new_tokens`
+within its bucket of 64, or a prompt of another length within its bucket, reuses the compiled
+loop.
+
+What does compile a new loop (a `Plan` differs; with `lmjax.compilation_cache` on, each only
+once per machine): another prompt bucket (the longest prompt crossing 16, 32, 64, 128, 256,
+384, ...), another bucket of `max_new_tokens` (crossing 64, 128, ...), another number of
+prompts or `num_samples` / `best_of`, an explicit `cache_size` or `cache_multiple`, another
+number of EOS ids, of token-id stop sequences or their longest length, of stop strings or their
+byte window (`infer.stops`, in multiples of 8), another kind of sampler (greedy, temperature,
+top-k, top-p: the sampler's static switches; its values are traced), `return_logits`, and of
+course another model config or params structure (packed or not, dtype). Seeds, temperatures,
+top-k / top-p values and the prompt and stop contents are traced: they never recompile.
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ import numpy as np
 
 import lmjax
 from infer import sampling
+from infer import stops as stops_lib
 
 MAX_SEED = 2**31
 
@@ -37,9 +52,10 @@ class Plan:
   cache_len: int  # S
   buffer: int  # output slots per row (>= max_new_tokens)
   num_eos: int
-  stop_shape: tuple[int, int]  # (number of stop sequences, longest)
+  stop_shape: tuple[int, int]  # token-id stop sequences: (how many, longest)
   flags: tuple[tuple[str, bool], ...]  # the sampler's static switches
   return_logits: bool = False
+  text_stops: tuple[int, int] = (0, 0)  # stop strings: (how many, byte window W; infer.stops)
 
   @property
   def rows(self) -> int:
@@ -56,19 +72,22 @@ class Request:
   consts: dict[str, Any]
   max_new_tokens: int
   sampler: sampling.Sampler
-  stops: list[list[int]]
+  stops: list[list[int]]  # token-id stop sequences
   eos_ids: list[int]
   pad_id: int
+  stop_strings: list[str] = dataclasses.field(default_factory=list)
+  vocab: int = 0  # the model's vocabulary size
 
 
-def _round_up(x: int, m: int) -> int:
+def round_up(x: int, m: int) -> int:
+  """The least multiple of `m` that is >= `x` (also used by `infer.flash_attention`)."""
   return -(-x // m) * m
 
 
 def prompt_bucket(length: int) -> int:
   """Padded prompt length: a power of two >= 16, or a multiple of 128 past 256."""
   if length > 256:
-    return _round_up(length, 128)
+    return round_up(length, 128)
   return max(16, 1 << (length - 1).bit_length())
 
 
@@ -208,32 +227,35 @@ def prepare(model, prompts, *, tokenizer=None, max_new_tokens: int = 64,
   else:
     eos_ids = [int(eos_id)] if is_int(eos_id) else _as_ids(eos_id, "eos_id")
   _check_vocab(eos_ids, vocab, "eos_id")
-  stops = []
+  stops, stop_strings = [], []
   if stop is not None:
     if isinstance(stop, str) or (isinstance(stop, Sequence) and stop and all(map(is_int, stop))):
       stop = [stop]
     for s in stop:
-      if isinstance(s, str):
+      if isinstance(s, str):  # matched on the decoded text (infer.stops), never encoded
         if tokenizer is None:
           raise ValueError(f"stop string {s!r} needs a tokenizer (or give token ids)")
-        x = _encode(tokenizer, s)
-        bos = getattr(tokenizer, "bos_id", None)
-        if x and bos is not None and x[0] == bos:
-          x = x[1:]
-      else:
-        x = _as_ids(s, "a stop sequence")
+        if not s:
+          raise ValueError("stop string '' is empty; give at least one character")
+        if s not in stop_strings:
+          stop_strings.append(s)
+        continue
+      x = _as_ids(s, "a stop sequence")
       if not x:
         raise ValueError(f"stop sequence {s!r} is empty")
       _check_vocab(x, vocab, f"stop sequence {s!r}")
       stops.append(x)
 
   # Shapes.
+  p_len = prompt_bucket(longest)
+  buffer = round_up(max_new_tokens, cache_multiple)
   if seq2seq:
-    p_len = prompt_bucket(longest)
     need = max_new_tokens  # the start token and max_new_tokens - 1 fed-back tokens
+    s_len = round_up(min(buffer, cfg.max_len), cache_multiple)
   else:
     need = longest + max_new_tokens
-    p_len = prompt_bucket(longest)
+    # From the buckets alone, never the exact lengths: >= need, >= the padded prompt.
+    s_len = round_up(min(p_len + buffer, max(cfg.max_len, p_len)), cache_multiple)
   if cache_size is not None:
     if not is_int(cache_size) or cache_size < need:
       raise ValueError(
@@ -242,9 +264,6 @@ def prepare(model, prompts, *, tokenizer=None, max_new_tokens: int = 64,
     s_len = int(cache_size)
     if not seq2seq:
       p_len = min(p_len, s_len)
-  else:
-    s_len = _round_up(need if seq2seq else max(need, p_len), cache_multiple)
-  buffer = _round_up(max_new_tokens, cache_multiple)
   n_stop, l_stop = len(stops), max([len(s) for s in stops], default=1)
 
   pad = getattr(tokenizer, "pad_id", None) if tokenizer is not None else None
@@ -278,10 +297,15 @@ def prepare(model, prompts, *, tokenizer=None, max_new_tokens: int = 64,
       "stops": stop_arr, "stop_valid": stop_valid,
       "pad": np.int32(pad), "max_new": np.int32(max_new_tokens),
   }
+  text_stops = (0, 0)
+  if stop_strings:
+    consts.update(stops_lib.tables(tokenizer, vocab, stop_strings))
+    text_stops = (len(stop_strings), stops_lib.window(stop_strings))
   plan = Plan(seq2seq=seq2seq, batch=b, samples=n, prompt_len=p_len, cache_len=s_len,
               buffer=buffer, num_eos=len(eos_ids), stop_shape=(n_stop, l_stop),
-              flags=tuple(sorted(sampler.flags.items())), return_logits=return_logits)
+              flags=tuple(sorted(sampler.flags.items())), return_logits=return_logits,
+              text_stops=text_stops)
   return Request(plan=plan, prompts=ids, inputs=inputs, consts=consts,
                  max_new_tokens=max_new_tokens, sampler=sampler, stops=stops, eos_ids=eos_ids,
-                 pad_id=pad)
+                 pad_id=pad, stop_strings=stop_strings, vocab=vocab)
 

@@ -3,7 +3,9 @@
 `stream` runs `generate`'s own jitted prefill and step functions (`infer.decode.Decoder`) from a
 Python loop instead of a `while_loop`, so it gives the same tokens as `generate`. Text comes by
 incremental detokenization: decode everything so far, emit what is new, hold back a partial
-UTF-8 character until it is complete.
+UTF-8 character until it is complete, and hold back an end of the text that begins a stop string
+until the next tokens show whether the stop string follows. So no text at or past a stop string
+is ever emitted, and with stop strings the steps' texts join to `generate`'s `text`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Iterator, Sequence
 import jax
 import numpy as np
 
-from infer import decode, requests, sampling
+from infer import decode, requests, sampling, stops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +29,9 @@ class StreamStep:
     log_probs: `[R]` float32 (0 for rows already done).
     active: `[R]` bool, the row produced `tokens[r]` at this step.
     stop_reason: per row: the reason it stopped at this step, else None.
-    text: per row, the new text (with a tokenizer; EOS left out; a partial UTF-8 character is
-      held back until complete), else None.
+    text: per row, the new text (with a tokenizer; EOS left out; a partial UTF-8 character, and
+      an end that may begin a stop string, are held back until settled; nothing from a stop
+      string on), else None.
   """
 
   step: int
@@ -42,17 +45,24 @@ class StreamStep:
 class _TextDelta:
   """Incremental detokenization: decode everything so far, emit what is new."""
 
-  def __init__(self, tokenizer, eos_ids):
-    self.tokenizer, self.eos = tokenizer, set(eos_ids)
-    self.ids: list[int] = []
+  def __init__(self, tokenizer, req: requests.Request):
+    self.tokenizer, self.req, self.eos = tokenizer, req, set(req.eos_ids)
+    self.tokens: list[int] = []
     self.shown = ""
 
-  def push(self, tok: int, final: bool) -> str:
-    if tok not in self.eos:
-      self.ids.append(tok)
-    text = decode.decode_text(self.tokenizer, self.ids)
-    if text.endswith("\ufffd") and not final:
-      return ""
+  def push(self, tok: int, reason: str | None) -> str:
+    """The new text after token `tok`; `reason`: why the row ended here (None: it goes on)."""
+    self.tokens.append(tok)
+    text = decode.decode_text(self.tokenizer, [t for t in self.tokens if t not in self.eos])
+    strings = self.req.stop_strings
+    if reason is None:
+      if text.endswith("\ufffd"):
+        return ""
+      if strings:
+        text = text[:len(text) - stops.held_back(text, strings)]
+    elif reason == "stop" and strings:
+      cut = stops.cut(self.tokenizer, self.tokens, text, strings, self.req.vocab)
+      text = text if cut is None else cut
     if text.startswith(self.shown):
       delta = text[len(self.shown):]
     else:  # the tokenizer rewrote earlier text (rare); what was shown stays shown
@@ -86,13 +96,25 @@ def stream(model, params, prompts, *, tokenizer=None, max_new_tokens: int = 64,
   return _stream(model, params, req, tokenizer)
 
 
+def drain(steps: Iterator[StreamStep], on_step=None):
+  """Runs a `stream` to its end, calling `on_step(step)` for each step; returns its
+  `GenerateResult` (the generator's return value)."""
+  while True:
+    try:
+      step = next(steps)
+    except StopIteration as e:
+      return e.value
+    if on_step is not None:
+      on_step(step)
+
+
 def _stream(model, params, req: requests.Request, tokenizer):
   dec = decode.decoder_for(model, req.plan)
   params = decode.unwrap_params(params)
   state = dec.start(params, req.inputs, req.consts)
   deltas = None
   if tokenizer is not None:
-    deltas = [_TextDelta(tokenizer, req.eos_ids) for _ in range(req.plan.rows)]
+    deltas = [_TextDelta(tokenizer, req) for _ in range(req.plan.rows)]
   was_done = np.zeros((req.plan.rows,), bool)
   t = 0
   while True:
@@ -104,7 +126,7 @@ def _stream(model, params, req: requests.Request, tokenizer):
                for r in range(req.plan.rows)]
     text = None
     if deltas is not None:
-      text = [deltas[r].push(int(tok[r]), bool(ended[r])) if active[r] else ""
+      text = [deltas[r].push(int(tok[r]), reasons[r]) if active[r] else ""
               for r in range(req.plan.rows)]
     yield StreamStep(step=t, tokens=tok, log_probs=h["lp"][:, t], active=active,
                      stop_reason=reasons, text=text)

@@ -1,6 +1,6 @@
 """lmjax: functional Flax (linen) transformers for the whole life of a language model."""
 
-from lmjax import checkpoint, packed
+from lmjax import checkpoint, compilation_cache, packed
 from lmjax.attention_ops import (
     SegmentIds,
     get_attention,
@@ -11,11 +11,13 @@ from lmjax.cache import KVCache, init_cache
 from lmjax.config import PRESETS, TransformerConfig
 from lmjax.convert import HFTokenizer, load_pretrained, save_pretrained
 from lmjax.counting import count_params, flops_per_token, model_for
+from lmjax.limits import checked
 from lmjax.sharding import LOGICAL_RULES, init_sharded, make_mesh
 from lmjax.transformer import CausalLM, MaskedLM, Seq2SeqLM
 
 __all__ = [
     "checkpoint",
+    "compilation_cache",
     "packed",
     "LOGICAL_RULES",
     "PRESETS",
@@ -26,6 +28,7 @@ __all__ = [
     "SegmentIds",
     "Seq2SeqLM",
     "TransformerConfig",
+    "checked",
     "count_params",
     "flops_per_token",
     "get_attention",

@@ -26,7 +26,10 @@ class KVCache:
   Attributes:
     k, v: self-attention keys and values (S next to H, so decode reads each head's keys
       contiguously); slot j of row b holds the token written j-th for that row.
-    lengths: `[B]` int32, how many slots of each row are filled.
+    lengths: `[B]` int32, how many tokens each row has taken: the filled slots while
+      `lengths <= max_len`. A write past the last slot is dropped, not clamped onto earlier
+      slots, and `lengths` keeps counting past `max_len` so the overflow stays visible
+      (`overflowed`): the model gives such a row NaN logits, now and at every later step.
     cross_k, cross_v: `Seq2SeqLM` only, the encoder output projected per layer, laid out as
       `k` (`[B, K, Se, H]` per layer).
     cross_segment_ids: `Seq2SeqLM` only, `[B, Se]`, 0 where the encoder input was padding.
@@ -45,7 +48,20 @@ class KVCache:
 
   @property
   def max_len(self) -> int:
+    """Slots S per row."""
     return self.k.shape[3] if self.stacked else self.k[0].shape[2]
+
+  @property
+  def encoder_len(self) -> int | None:
+    """Se, the encoder input length the cross-attention slots hold (None: no encoder)."""
+    if self.cross_k is None:
+      return None
+    return self.cross_k.shape[3] if self.stacked else self.cross_k[0].shape[2]
+
+  @property
+  def overflowed(self) -> Array:
+    """`[B]` bool: rows that were given more tokens than the cache has slots (lost keys)."""
+    return self.lengths > self.max_len
 
   def repeat_rows(self, n: int) -> KVCache:
     """Each row repeated n times in place (row b becomes rows b*n .. b*n+n-1)."""
@@ -101,9 +117,11 @@ def write(cache_kv: Array, new: Array, starts: Array) -> Array:
   """Writes `new` `[B, T, K, H]` into one layer's `[B, K, S, H]` at each row's own slot.
 
   Row b's tokens go to slots `starts[b] .. starts[b] + T - 1`; slots past S are dropped, never
-  clamped onto earlier ones. One scatter: a vmapped dynamic_update_slice became, after XLA's
-  CPU fusion, two fused updates of the same buffer (one for attention, one for the loop
-  carry) and so four copies of every layer's cache per decode step.
+  clamped onto earlier ones (the model flags a row whose real tokens are dropped and gives it
+  NaN logits; a padding token's dropped write loses nothing). One scatter: a vmapped
+  dynamic_update_slice became, after XLA's CPU fusion, two fused updates of the same buffer
+  (one for attention, one for the loop carry) and so four copies of every layer's cache per
+  decode step.
   """
   b, t, k, _ = new.shape
   rows = jnp.arange(b)[:, None, None]

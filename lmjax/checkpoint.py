@@ -6,7 +6,9 @@ alone, so inference never imports the trainer):
     WORKDIR/config.json            the resolved run config; its "model" section is
                                    `TransformerConfig.to_dict()`
     WORKDIR/tokenizer.model        the SentencePiece model (`SentencePieceTokenizer.save`),
-                                   with tokenizer.model.json (its normalization) beside it
+                                   with tokenizer.model.json (its normalization) beside it;
+    WORKDIR/tokenizer/             or, for a fine-tuned pretrained model, its Hugging Face
+                                   tokenizer files (tokenizer.json, tokenizer_config.json)
     WORKDIR/checkpoints/<step>/    one orbax `CheckpointManager` step, with the items
         params/                    the raw params tree (`StandardSave`, float32)
         opt_state/                 the optimizer state (training only)
@@ -19,8 +21,10 @@ alone, so inference never imports the trainer):
 Orbax (https://github.com/google/orbax) writes each step into a temporary folder and renames
 it when complete, so a step folder that exists finished saving; a step whose files were later
 damaged (a torn copy, a truncated upload) fails to restore, and `load_run` then warns and
-falls back to the previous step. No pickle is ever loaded: params are tensorstore arrays,
-everything else JSON.
+falls back to the previous step. Only damage that is proven (`is_damaged`: a file of the step
+missing, truncated or unparsable) is skipped; any other error (permissions, the network, a
+timeout) is raised as a `CheckpointReadError` naming the step's folder. No pickle is ever
+loaded: params are tensorstore arrays, everything else JSON.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +51,73 @@ CHECKPOINT_DIR = "checkpoints"
 PARAMS, OPT_STATE, META, DATA = "params", "opt_state", "meta", "data"
 
 log = logging.getLogger(__name__)
+
+
+class DamagedCheckpointError(ValueError):
+  """A checkpoint step whose contents are proven bad (an item without metadata, non-finite
+  params): what `is_damaged` accepts besides the errors of unreadable files."""
+
+
+class CheckpointReadError(OSError):
+  """A checkpoint step that could not be read for a reason other than proven damage
+  (permissions, the network, a timeout, an unexpected error). It was left where it is.
+
+  Attributes:
+    step: the step.
+    path: its folder.
+  """
+
+  def __init__(self, step: int, path, error: BaseException):
+    super().__init__(
+        f"checkpoint step {step} at {str(path)!r} could not be read ({type(error).__name__}: "
+        f"{str(error)[:400]}). It is not proven damaged, so it was left in place: check access "
+        "to the storage (permissions, network) and rerun; to resume from an earlier step "
+        "instead, move this step's folder away yourself")
+    self.step, self.path = step, path
+
+
+# Tensorstore (orbax's array I/O) raises ValueError("CODE: ...") with an absl status code.
+# These say the bytes on storage are bad (truncated, garbled or missing from a finished step);
+# the rest (PERMISSION_DENIED, UNAVAILABLE, DEADLINE_EXCEEDED, ...) may pass.
+_DAMAGE_CODES = frozenset({"DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION"})
+_STATUS = re.compile(r"([A-Z][A-Z_]+): ")
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+  out, seen = [], set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    out.append(error)
+    error = error.__cause__ or error.__context__
+  return out
+
+
+def is_damaged(error: BaseException, step_dir) -> bool:
+  """Whether `error`, raised while reading the checkpoint step in `step_dir`, proves the step
+  damaged, so that skipping it (or moving it aside) is safe.
+
+  Proof is an error (anywhere in its chain of causes) that says the step's bytes are bad: a
+  file of the step missing while the step's folder exists, a JSON or text file that does not
+  parse (`json.JSONDecodeError`, `UnicodeDecodeError`), an array file that tensorstore finds
+  truncated, garbled or missing (status DATA_LOSS, OUT_OF_RANGE, NOT_FOUND or
+  FAILED_PRECONDITION), or a `DamagedCheckpointError`. Any other error in the chain (an
+  `OSError` such as PermissionError, ConnectionError or TimeoutError; another tensorstore
+  status such as PERMISSION_DENIED or UNAVAILABLE) means the read may have failed for a reason
+  that passes: not proven.
+  """
+  damage = False
+  for e in _causes(error):
+    if isinstance(e, FileNotFoundError):
+      damage = damage or epath.Path(step_dir).is_dir()
+    elif isinstance(e, OSError):
+      return False  # PermissionError, ConnectionError, TimeoutError, EIO, ...
+    elif isinstance(e, (DamagedCheckpointError, json.JSONDecodeError, UnicodeDecodeError)):
+      damage = True
+    elif isinstance(e, ValueError) and (m := _STATUS.match(str(e))):
+      if m.group(1) not in _DAMAGE_CODES:
+        return False
+      damage = True
+  return damage
 
 
 def run_path(path: str | os.PathLike) -> epath.Path:
@@ -74,13 +146,15 @@ def saved_steps(workdir: str | os.PathLike) -> list[int]:
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
-  """A JSON object from `path`, or a ValueError naming `what` and the file."""
+  """A JSON object from `path`, or a ValueError naming `what` and the file when its text is not
+  a JSON object (FileNotFoundError when it is missing; other OSErrors as raised)."""
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"{what}: no file {str(path)!r}")
+  text = path.read_text()  # An OSError (permissions, network) is raised as it is.
   try:
-    data = json.loads(path.read_text())
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    data = json.loads(text)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(f"{what}: {str(path)!r} is not readable JSON ({e})") from e
   if not isinstance(data, dict):
     raise ValueError(f"{what}: {str(path)!r} holds {type(data).__name__}, not an object")
@@ -115,6 +189,55 @@ def load_tokenizer(path: str | os.PathLike):
     d = json.loads(settings.read_text()).get("normalization")
     norm = None if d is None else NormalizationConfig(**d)
   return SentencePieceTokenizer(path.read_bytes(), norm)
+
+
+HF_TOKENIZER_DIR = "tokenizer"
+
+
+def has_tokenizer(workdir: str | os.PathLike) -> bool:
+  """Whether a work dir holds a tokenizer (`save_run_tokenizer`)."""
+  w = run_path(workdir)
+  return (w / TOKENIZER_FILE).exists() or (w / HF_TOKENIZER_DIR / "tokenizer.json").exists()
+
+
+def save_run_tokenizer(tokenizer, workdir: str | os.PathLike) -> None:
+  """Writes a run's tokenizer: a `SentencePieceTokenizer` as `tokenizer.model` (+ `.json`), a
+  pretrained model's `HFTokenizer` (fine-tuning jobs) as the Hugging Face files in
+  `tokenizer/` (`tokenizer.json`, `tokenizer_config.json` with its chat template, ...)."""
+  w = run_path(workdir)
+  if hasattr(tokenizer, "model_proto"):
+    save_tokenizer(tokenizer, w / TOKENIZER_FILE)
+    return
+  if not hasattr(tokenizer, "save") or not hasattr(tokenizer, "backend"):
+    raise ValueError(f"cannot save a {type(tokenizer).__name__} in a run folder: lmjax saves "
+                     "SentencePieceTokenizer and HFTokenizer")
+  if not is_remote(w):
+    tokenizer.save(Path(os.fspath(w / HF_TOKENIZER_DIR)))
+    return
+  import tempfile
+
+  with tempfile.TemporaryDirectory() as tmp:
+    for f in tokenizer.save(tmp):
+      (w / HF_TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
+      (w / HF_TOKENIZER_DIR / Path(f).name).write_bytes(Path(f).read_bytes())
+
+
+def load_run_tokenizer(workdir: str | os.PathLike):
+  """Reads what `save_run_tokenizer` wrote."""
+  w = run_path(workdir)
+  hf = w / HF_TOKENIZER_DIR
+  if not (hf / "tokenizer.json").exists():
+    return load_tokenizer(w / TOKENIZER_FILE)
+  from lmjax.convert.hf_tokenizer import HFTokenizer
+
+  if not is_remote(w):
+    return HFTokenizer.from_folder(Path(os.fspath(hf)))
+  import tempfile
+
+  with tempfile.TemporaryDirectory() as tmp:
+    for f in hf.iterdir():
+      (Path(tmp) / f.name).write_bytes(f.read_bytes())
+    return HFTokenizer.from_folder(tmp)
 
 
 def read_step_meta(workdir: str | os.PathLike, step: int) -> dict[str, Any]:
@@ -169,11 +292,24 @@ def restore_params(directory: str | os.PathLike, config: TransformerConfig,
     return ckptr.restore(directory, abstract_target(config, mesh))
 
 
+class _DropReadOnlyNotice(logging.Filter):
+  """Drops orbax's "Given directory is read only" warning: opening a manager read-only is how
+  lmjax promises not to write, not a property of the folder (which may well be writable)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
 def _manager(workdir) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(read_only=True, create=False,
                                          enable_async_checkpointing=False)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=(PARAMS, OPT_STATE, META, DATA))
+  absl_log, notice = logging.getLogger("absl"), _DropReadOnlyNotice()  # orbax logs with absl
+  absl_log.addFilter(notice)
+  try:
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                 item_names=(PARAMS, OPT_STATE, META, DATA))
+  finally:
+    absl_log.removeFilter(notice)
 
 
 def restore_step_params(workdir: str | os.PathLike, step: int, config: TransformerConfig,
@@ -194,20 +330,26 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *,
 
   Args:
     workdir: the run's folder (layout in the module docstring).
-    step: a saved step; None takes the newest step that restores. A newest step that fails
-      to restore (damaged files) is skipped with a warning.
+    step: a saved step; None takes the newest step that restores. A newest step proven
+      damaged (`is_damaged`) is skipped with a warning.
     mesh: shard the params over this mesh by `lmjax.sharding`'s rules (default: one device).
 
   Returns:
     `(config, params, tokenizer)`: a `TransformerConfig`, the raw params tree, and the
-    `SentencePieceTokenizer` the run trained with.
+    tokenizer the run trained with (`SentencePieceTokenizer`, or a fine-tuned pretrained
+    model's `HFTokenizer` with its chat template).
+
+  Raises:
+    CheckpointReadError: a step failed to read for a reason that is not proven damage
+      (permissions, network, ...): raised at once, with the step's folder, not skipped.
+    ValueError: no step restores (each proven damaged), or `step` does not restore.
   """
   workdir = run_path(workdir)
   if not workdir.is_dir():
     raise FileNotFoundError(f"no run folder at {str(workdir)!r}")
   run_config = read_json(workdir / CONFIG_FILE, f"run {str(workdir)!r}")
   config = model_config_of(run_config, str(workdir / CONFIG_FILE))
-  tokenizer = load_tokenizer(workdir / TOKENIZER_FILE)
+  tokenizer = load_run_tokenizer(workdir)
   steps = saved_steps(workdir)
   if not steps:
     raise FileNotFoundError(f"run {str(workdir)!r} has no checkpoints in "
@@ -221,16 +363,20 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *,
     candidates = steps[::-1]
   failures = []
   for s in candidates:
+    step_dir = checkpoint_dir(workdir) / str(s)
     try:
       step_config = config
       try:  # The step's own config (the params' true shapes), when its meta reads.
         step_config = model_config_of(read_step_meta(workdir, s).get("config", {}),
                                       f"checkpoint step {s}")
-      except (OSError, ValueError):
-        pass
+      except (OSError, ValueError) as e:
+        if isinstance(e, OSError) and not is_damaged(e, step_dir):
+          raise
       params = restore_step_params(workdir, s, step_config, mesh)
       return step_config, params, tokenizer
     except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many kinds)
+      if not is_damaged(e, step_dir):
+        raise CheckpointReadError(s, step_dir, e) from e
       failures.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
       if step is not None:
         break

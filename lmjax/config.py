@@ -12,11 +12,21 @@ NORM_PLACEMENTS = ("pre", "post")
 POSITIONS = ("sinusoidal", "learned", "rotary", "none")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# Attention names always accepted: the reference, and the Pallas kernel that `infer` registers
+# ("flash"). Others are accepted once registered with `lmjax.attention_ops.register_attention`.
+ATTENTIONS = ("reference", "flash")
 
 
 def _one_of(field: str, value: Any, allowed: tuple) -> None:
   if value not in allowed:
     raise ValueError(f"TransformerConfig.{field}={value!r} is not allowed; choose one of {allowed}")
+
+
+def attention_names() -> tuple[str, ...]:
+  """The names `TransformerConfig.attention` accepts now: `ATTENTIONS` and any registered."""
+  from lmjax import attention_ops  # Deferred: attention_ops imports jax and lmjax.layers.
+
+  return tuple(dict.fromkeys((*ATTENTIONS, *sorted(attention_ops._ATTENTION_FNS))))
 
 
 def _positive(field: str, value: Any, allow_zero: bool = False) -> None:
@@ -104,8 +114,12 @@ class TransformerConfig:
       raise ValueError(f"TransformerConfig.norm_eps={self.norm_eps} must be > 0")
     if self.rope_theta <= 0:
       raise ValueError(f"TransformerConfig.rope_theta={self.rope_theta} must be > 0")
-    if not isinstance(self.attention, str) or not self.attention:
-      raise ValueError(f"TransformerConfig.attention={self.attention!r} must be a name")
+    allowed = attention_names()
+    if not isinstance(self.attention, str) or self.attention not in allowed:
+      raise ValueError(
+          f"TransformerConfig.attention={self.attention!r} is not allowed; choose one of "
+          f"{allowed} (register another kernel first with "
+          "lmjax.attention_ops.register_attention(name, fn))")
 
   @property
   def resolved_num_kv_heads(self) -> int:

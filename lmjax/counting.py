@@ -26,11 +26,18 @@ def example_inputs(config: TransformerConfig, batch: int = 1, length: int = 8) -
   return (tokens,)
 
 
-def abstract_params(config: TransformerConfig):
-  """Shapes and dtypes of the params (`jax.eval_shape`, no memory)."""
+def init_fn(config: TransformerConfig, seed: int = 0):
+  """A function of no arguments returning the boxed params (with their logical axis names) that
+  `model_for(config).init` makes: for `jax.eval_shape` and `lmjax.sharding.param_shardings`."""
   model = model_for(config)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(config)))
-  return nn.meta.unbox(boxed)["params"]
+  def init():
+    return model.init(jax.random.key(seed), *example_inputs(config))["params"]
+  return init
+
+
+def abstract_params(config: TransformerConfig):
+  """The params tree of `model_for(config)` as `jax.ShapeDtypeStruct`s (no memory used)."""
+  return nn.meta.unbox(jax.eval_shape(init_fn(config)))
 
 
 def count_params(params_or_config) -> int:

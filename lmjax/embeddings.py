@@ -40,7 +40,11 @@ class TokenEmbedding(nn.Module):
 
 
 def sinusoidal(positions: Array, dim: int, max_timescale: float = 10_000.0) -> Array:
-  """Fixed sine/cosine encodings `[B, T, D]` of integer positions `[B, T]` (Vaswani 2017)."""
+  """Fixed sine/cosine encodings `[B, T, D]` of integer positions `[B, T]` (Vaswani et al.,
+  2017, section 3.5): channel i < D/2 is sin(pos / 10000^(2i/D)), channel D/2 + i the cosine of
+  the same angle (all sines, then all cosines, as tensor2tensor and Marian lay them out; the
+  paper interleaves them, a fixed permutation of the channels). An odd D gets a zero last
+  channel."""
   half = dim // 2
   inv = jnp.exp(-jnp.log(max_timescale) * jnp.arange(half, dtype=jnp.float32) / half)
   angles = positions.astype(jnp.float32)[..., None] * inv.reshape((1,) * positions.ndim + (-1,))
@@ -51,7 +55,12 @@ def sinusoidal(positions: Array, dim: int, max_timescale: float = 10_000.0) -> A
 
 
 class LearnedPositions(nn.Module):
-  """A learned table `[max_len, D]` indexed by positions `[B, T]`."""
+  """A learned table `[max_len, D]` indexed by positions `[B, T]`.
+
+  A position outside `[0, max_len)` reads the nearest row (no NaN that a padding token could
+  spread through attention's zero weights); the models flag a real token's such position and
+  give its row NaN logits (see "Limits" in `lmjax.transformer`).
+  """
 
   config: TransformerConfig
 
@@ -60,7 +69,7 @@ class LearnedPositions(nn.Module):
     cfg = self.config
     table = param(self, "embedding", DEFAULT_KERNEL_INIT, (cfg.max_len, cfg.model_dim),
                   (None, "embed"), dtype_of(cfg.param_dtype))
-    return jnp.take(table, positions, axis=0).astype(dtype_of(cfg.dtype))
+    return jnp.take(table, positions, axis=0, mode="clip").astype(dtype_of(cfg.dtype))
 
 
 def apply_rotary(x: Array, positions: Array, theta: float) -> Array:

@@ -40,6 +40,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lmjax.embeddings import TokenEmbedding
@@ -140,17 +141,20 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
     raise ValueError(f"params do not match {type(model).__name__}: {e}") from e
   flat = flatten_dict(params)
   out, packed = dict(flat), []
+  dtype = jnp.dtype(fmt)
+  # The copies are made on the host with numpy: one pass per matrix, nothing to compile
+  # (eager jnp transposes compiled an executable per shape: most of a cold pack's time).
   for path, (k, ndim) in sorted(kernels.items()):
-    w = flat[path]
+    w = np.asarray(flat[path])
     lead = w.ndim - ndim
     order = (*range(lead), *range(lead + k, w.ndim), *range(lead, lead + k))
     # One matrix per layer, so the reader's product is a plain `[M, K] x [N, K]^T`.
     matrix = w.shape[:lead] + (math.prod(w.shape[lead + k:]), math.prod(w.shape[lead:lead + k]))
-    out[path] = jnp.transpose(w, order).reshape(matrix).astype(fmt)
+    out[path] = jnp.asarray(np.transpose(w, order).reshape(matrix).astype(dtype))
     packed.append((path, k, lead, tuple(w.shape)))
   for path in flat:
     if path[-2:] == ("embed", "embedding"):
-      out[path] = flat[path].astype(fmt)
+      out[path] = jnp.asarray(np.asarray(flat[path]).astype(dtype))
   return PackedParams(unflatten_dict(out), fmt, tuple(packed))
 
 

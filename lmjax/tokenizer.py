@@ -11,8 +11,10 @@ Rules, applied in this order when enabled (see `NormalizationConfig`):
 2. `strip_accents`: decompose (NFD), drop combining marks, recompose (NFC): "café" -> "cafe".
 3. `lowercase`: `str.lower`.
 4. `fold_whitespace`: "\\r\\n" and "\\r" become "\\n"; each run of other whitespace becomes one
-   space; spaces next to a newline are dropped; three or more newlines become two; the text is
-   stripped at both ends.
+   space; spaces next to a newline are dropped; three or more newlines become two. Training
+   text is also stripped at both ends; `encode` keeps the ends (folded by the same rules), so
+   a prompt's trailing newline survives: "ROMEO:\\n" encodes to tokens that decode to
+   "ROMEO:\\n".
 
 Special tokens of a tokenizer trained here have fixed ids:
 
@@ -79,8 +81,16 @@ _SPACE_AT_NEWLINE = re.compile(r" ?\n ?")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 
 
-def normalize_text(text: str, config: NormalizationConfig) -> str:
-  """Applies the enabled normalization rules to `text` (module docstring lists them)."""
+def normalize_text(text: str, config: NormalizationConfig, *, keep_ends: bool = False) -> str:
+  """Applies the enabled normalization rules to `text` (module docstring lists them).
+
+  Args:
+    text: the text.
+    config: which rules run.
+    keep_ends: do not strip whitespace at the ends (`fold_whitespace` still folds it): what
+      `SentencePieceTokenizer.encode` does, so that a user's "ROMEO:\\n" keeps its newline.
+      False (training) strips both ends.
+  """
   if config.nfkc:
     text = unicodedata.normalize("NFKC", text)
   if config.strip_accents:
@@ -95,7 +105,8 @@ def normalize_text(text: str, config: NormalizationConfig) -> str:
     text = _HSPACE.sub(" ", text)
     text = _SPACE_AT_NEWLINE.sub("\n", text)
     text = _MANY_NEWLINES.sub("\n\n", text)
-    text = text.strip()
+    if not keep_ends:
+      text = text.strip()
   return text
 
 
@@ -170,10 +181,19 @@ class Tokenizer(Protocol):
 
   def decode(self, ids: Any) -> str | list[str]: ...
 
+  def token_bytes(self) -> list[bytes]:
+    """Per id, the UTF-8 bytes it adds to decoded text (b"" for ids `decode` drops).
+
+    Concatenated over a sequence they give its text, also where a token holds part of a
+    character (byte-level BPE, byte fallback). `infer` matches stop strings with them.
+    """
+    ...
+
 
 def _is_batch(ids: Any) -> bool:
-  if isinstance(ids, np.ndarray):
-    return ids.ndim == 2
+  """Whether `ids` is a batch (`[B, T]` array, jax or numpy, or a list of lists)."""
+  if hasattr(ids, "ndim"):
+    return np.ndim(ids) == 2
   return len(ids) > 0 and isinstance(ids[0], list | tuple | np.ndarray)
 
 
@@ -195,6 +215,7 @@ class SentencePieceTokenizer:
       sentinels.append(i)
     self._sentinels = tuple(sentinels)
     self._ids = (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id())
+    self._token_bytes: list[bytes] | None = None
 
   def _find_piece(self, piece: str) -> int | None:
     i = self._sp.piece_to_id(piece)
@@ -210,8 +231,11 @@ class SentencePieceTokenizer:
   model_proto = property(lambda self: self._proto)
 
   def normalize(self, text: str) -> str:
-    """The text as the tokenizer sees it."""
-    return text if self.normalization is None else normalize_text(text, self.normalization)
+    """The text as `encode` sees it (the normalization, with the ends kept: see the module
+    docstring)."""
+    if self.normalization is None:
+      return text
+    return normalize_text(text, self.normalization, keep_ends=True)
 
   def encode(
       self, text: str | Sequence[str], *, add_bos: bool = False, add_eos: bool = False
@@ -241,6 +265,27 @@ class SentencePieceTokenizer:
     if _is_batch(ids):
       return [self._sp.decode(np.asarray(row, np.int64).tolist()) for row in ids]
     return self._sp.decode(np.asarray(ids, np.int64).reshape(-1).tolist())
+
+  def token_bytes(self) -> list[bytes]:
+    """Per id, the UTF-8 bytes it adds to decoded text: b"" for control ids (pad, bos, eos),
+    the byte of a byte-fallback piece `<0xAB>`, the piece with "▁" as a space otherwise (the
+    unknown id: SentencePiece's " ⁇ "). Joined over `encode(text)` they give `text` (as
+    `normalize` left it). A model with SentencePiece's dummy prefix drops the leading space of
+    its whole text in `decode`; these bytes keep it."""
+    if self._token_bytes is None:
+      sp, out = self._sp, []
+      for i in range(sp.get_piece_size()):
+        piece = sp.id_to_piece(i)
+        if sp.is_control(i):
+          out.append(b"")
+        elif sp.is_byte(i):
+          out.append(bytes([int(piece[3:5], 16)]))
+        elif sp.is_unknown(i):
+          out.append(sp.decode([i]).encode("utf-8"))
+        else:
+          out.append(piece.replace("\u2581", " ").encode("utf-8"))
+      self._token_bytes = out
+    return list(self._token_bytes)
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))

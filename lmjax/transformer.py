@@ -3,6 +3,10 @@
 `CausalLM` is decoder-only (GPT-2, Llama), `MaskedLM` encoder-only with a BERT prediction head
 (Devlin et al., 2019), `Seq2SeqLM` the original encoder-decoder. Logits are float32 whatever
 the compute dtype.
+
+Limits (learned positions' `max_len`, a KV cache's slots): a call whose shapes pass one
+raises; rows whose values pass one get NaN logits, or an error with `checks=True` / `checked`;
+see `lmjax.limits`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from lmjax.cache import KVCache
 from lmjax.config import TransformerConfig
 from lmjax.embeddings import LearnedPositions, TokenEmbedding, sinusoidal
 from lmjax.layers import Einsum, FeedForward, Norm, activation_fn, einsum_f32
+from lmjax.limits import Limits, check_encoder_len
 from lmjax.sharding import constrain
 
 Array = jax.Array
@@ -185,6 +190,34 @@ def _positions(positions, segment_ids, tokens, cache: KVCache | None) -> Array:
   return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
 
 
+def _inputs(cfg: TransformerConfig, limits: Limits, name: str, tokens: Array, positions,
+            segment_ids, cache: KVCache | None = None) -> tuple[Array, dict]:
+  """`[B, T]` tokens' positions and the blocks' cache ctx, checked against the limits: shapes
+  that pass one raise, values that do flag their rows in `limits`."""
+  _check_tokens(tokens, name)
+  derived = positions is None and segment_ids is None  # 0..T-1, or the cache's next T, all real
+  limits.shapes(cfg, name, tokens.shape[1], derived, cache)
+  ctx, n_new = {}, None
+  if cache is not None:
+    n_new = _new_tokens(segment_ids, tokens)
+    ctx = {"cache_lengths": cache.lengths, "cache_n_new": n_new}
+  pos = _positions(positions, segment_ids, tokens, cache)
+  limits.values(cfg, name, pos, segment_ids, tokens.shape, derived, cache, n_new)
+  return pos, ctx
+
+
+def _one_stack(model: str, cfg: TransformerConfig, tokens: Array, positions, segment_ids,
+               cache: KVCache | None, checks: bool) -> tuple[Array, dict, Limits]:
+  """The start `CausalLM` and `MaskedLM` share: the config's family, the inputs' limits, ctx."""
+  has, lacks = ("decoder", "encoder") if model == "CausalLM" else ("encoder", "decoder")
+  if getattr(cfg, f"num_{has}_layers") == 0 or getattr(cfg, f"num_{lacks}_layers"):
+    raise ValueError(f"{model} needs num_{has}_layers > 0 and num_{lacks}_layers == 0")
+  limits = Limits(checks)
+  pos, ctx = _inputs(cfg, limits, "tokens", tokens, positions, segment_ids, cache)
+  ctx.update(segment_ids=segment_ids, encoder_out=None, encoder_segment_ids=None)
+  return pos, ctx, limits
+
+
 class CausalLM(nn.Module):
   """Decoder-only language model: next-token logits `[B, T, V]` (float32)."""
 
@@ -193,7 +226,7 @@ class CausalLM(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, *, positions: Array | None = None,
                segment_ids: Array | None = None, cache: KVCache | None = None,
-               prefill: bool = False, train: bool = False):
+               prefill: bool = False, train: bool = False, checks: bool = False):
     """Args:
       tokens: `[B, T]` int ids.
       positions: `[B, T]`; default restarts per segment, or continues each row's cache.
@@ -201,25 +234,22 @@ class CausalLM(nn.Module):
       cache: a `KVCache`; new keys/values go at each row's own length.
       prefill: the cache is empty; attend over the new tokens only (lets a kernel run).
       train: dropout on.
+      checks: report rows past a limit with `checkify.check` (see `lmjax.limits.checked`).
 
     Returns:
-      logits `[B, T, V]`, or `(logits, cache)` when a cache is given.
+      logits `[B, T, V]`, or `(logits, cache)` when a cache is given; NaN in every row that
+      passes a limit (a learned position >= `max_len`, a write past the cache's last slot).
+
+    Raises:
+      ValueError: when the shapes alone pass a limit (see `lmjax.limits`).
     """
     cfg = self.config
-    if cfg.num_decoder_layers == 0 or cfg.num_encoder_layers:
-      raise ValueError("CausalLM needs num_decoder_layers > 0 and num_encoder_layers == 0")
-    _check_tokens(tokens, "tokens")
+    pos, ctx, limits = _one_stack("CausalLM", cfg, tokens, positions, segment_ids, cache, checks)
     embed = TokenEmbedding(cfg, name="embed")
-    pos = _positions(positions, segment_ids, tokens, cache)
-    ctx = {"segment_ids": segment_ids, "encoder_out": None, "encoder_segment_ids": None}
-    layer_cache = None
-    if cache is not None:
-      ctx["cache_lengths"] = cache.lengths
-      ctx["cache_n_new"] = _new_tokens(segment_ids, tokens)
-      layer_cache = {"k": cache.k, "v": cache.v}
+    layer_cache = None if cache is None else {"k": cache.k, "v": cache.v}
     x, new = Stack(cfg, cfg.num_decoder_layers, causal=True, name="decoder")(
         embed(tokens), pos, ctx, layer_cache, train=train, prefill=prefill)
-    logits = LMHead(cfg, name="lm_head")(x, embed)
+    logits = limits.guard(LMHead(cfg, name="lm_head")(x, embed))
     if cache is None:
       return logits
     return logits, cache.replace(k=new["k"], v=new["v"],
@@ -233,15 +263,15 @@ class MaskedLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: Array, *, positions: Array | None = None,
-               segment_ids: Array | None = None, train: bool = False) -> Array:
-    """Args: tokens, positions, segment_ids `[B, T]` (0 = padding); Returns: logits `[B, T, V]`."""
+               segment_ids: Array | None = None, train: bool = False,
+               checks: bool = False) -> Array:
+    """Args: tokens, positions, segment_ids `[B, T]` (0 = padding), train, checks as in `CausalLM`.
+
+    Returns: logits `[B, T, V]`, NaN in the rows whose learned positions pass `max_len`.
+    """
     cfg = self.config
-    if cfg.num_encoder_layers == 0 or cfg.num_decoder_layers:
-      raise ValueError("MaskedLM needs num_encoder_layers > 0 and num_decoder_layers == 0")
-    _check_tokens(tokens, "tokens")
+    pos, ctx, limits = _one_stack("MaskedLM", cfg, tokens, positions, segment_ids, None, checks)
     embed = TokenEmbedding(cfg, name="embed")
-    pos = _positions(positions, segment_ids, tokens, None)
-    ctx = {"segment_ids": segment_ids, "encoder_out": None, "encoder_segment_ids": None}
     x, _ = Stack(cfg, cfg.num_encoder_layers, name="encoder")(embed(tokens), pos, ctx,
                                                               train=train)
     d = cfg.model_dim
@@ -252,7 +282,8 @@ class MaskedLM(nn.Module):
     bias = self.param("head_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                                 ("vocab",)), (cfg.vocab_size,),
                       jnp.dtype(cfg.param_dtype))
-    return LMHead(cfg, name="lm_head")(h, embed) + bias.astype(jnp.float32)[None, None, :]
+    return limits.guard(LMHead(cfg, name="lm_head")(h, embed)
+                        + bias.astype(jnp.float32)[None, None, :])
 
 
 class Seq2SeqLM(nn.Module):
@@ -270,52 +301,62 @@ class Seq2SeqLM(nn.Module):
     self.lm_head = LMHead(cfg)
 
   def encode(self, encoder_tokens: Array, *, encoder_positions: Array | None = None,
-             encoder_segment_ids: Array | None = None, train: bool = False) -> Array:
-    """Encoder output `[B, Se, D]` of `[B, Se]` ids (0 segment = padding)."""
-    _check_tokens(encoder_tokens, "encoder_tokens")
-    pos = _positions(encoder_positions, encoder_segment_ids, encoder_tokens, None)
+             encoder_segment_ids: Array | None = None, train: bool = False,
+             checks: bool = False) -> Array:
+    """Encoder output `[B, Se, D]` of `[B, Se]` ids (0 segment = padding); NaN in the rows whose
+    learned positions pass `max_len` (so a cache filled from it keeps those rows NaN)."""
+    limits = Limits(checks)
+    return self._encode(encoder_tokens, encoder_positions, encoder_segment_ids, train, limits)
+
+  def _encode(self, encoder_tokens, encoder_positions, encoder_segment_ids, train,
+              limits: Limits) -> Array:
+    pos, _ = _inputs(self.config, limits, "encoder_tokens", encoder_tokens, encoder_positions,
+                     encoder_segment_ids)
     ctx = {"segment_ids": encoder_segment_ids, "encoder_out": None,
            "encoder_segment_ids": None}
     x, _ = self.encoder(self.embed(encoder_tokens), pos, ctx, train=train)
-    return x
+    return limits.guard(x)  # only the encoder's flags are in `limits` yet
 
   def __call__(self, encoder_tokens: Array | None, decoder_tokens: Array, *,
                encoder_positions: Array | None = None,
                encoder_segment_ids: Array | None = None,
                decoder_positions: Array | None = None,
                decoder_segment_ids: Array | None = None, cache: KVCache | None = None,
-               prefill: bool = False, train: bool = False):
+               prefill: bool = False, train: bool = False, checks: bool = False):
     """Args:
       encoder_tokens: `[B, Se]` ids; None when the cache already holds the encoder's keys.
       decoder_tokens: `[B, T]` ids (shifted right, starting from a start token).
       encoder_/decoder_positions, _segment_ids: as in `CausalLM` (0 = padding).
       cache: a `KVCache` made with `init_cache(..., encoder_len=Se)`.
+      prefill, train, checks: as in `CausalLM`.
 
     Returns:
-      logits `[B, T, V]`, or `(logits, cache)` when a cache is given.
+      logits `[B, T, V]`, or `(logits, cache)` when a cache is given; NaN in every row that
+      passes a limit, in the encoder or the decoder.
     """
     _check_tokens(decoder_tokens, "decoder_tokens")
+    limits = Limits(checks)
     enc = None
     if encoder_tokens is not None:
-      enc = self.encode(encoder_tokens, encoder_positions=encoder_positions,
-                        encoder_segment_ids=encoder_segment_ids, train=train)
+      _check_tokens(encoder_tokens, "encoder_tokens")
+      check_encoder_len(encoder_tokens.shape[1], cache)
+      enc = self._encode(encoder_tokens, encoder_positions, encoder_segment_ids, train, limits)
       if encoder_segment_ids is None:
         encoder_segment_ids = jnp.ones(encoder_tokens.shape, jnp.int32)
     elif cache is None:
       raise ValueError("Seq2SeqLM needs encoder_tokens unless a filled cache is given")
     else:
       encoder_segment_ids = cache.cross_segment_ids
-    pos = _positions(decoder_positions, decoder_segment_ids, decoder_tokens, cache)
-    ctx = {"segment_ids": decoder_segment_ids, "encoder_out": enc,
-           "encoder_segment_ids": encoder_segment_ids}
+    pos, ctx = _inputs(self.config, limits, "decoder_tokens", decoder_tokens, decoder_positions,
+                       decoder_segment_ids, cache)
+    ctx.update(segment_ids=decoder_segment_ids, encoder_out=enc,
+               encoder_segment_ids=encoder_segment_ids)
     layer_cache = None
     if cache is not None:
-      ctx["cache_lengths"] = cache.lengths
-      ctx["cache_n_new"] = _new_tokens(decoder_segment_ids, decoder_tokens)
       layer_cache = {"k": cache.k, "v": cache.v, "ck": cache.cross_k, "cv": cache.cross_v}
     x, new = self.decoder(self.embed(decoder_tokens), pos, ctx, layer_cache, train=train,
                           prefill=prefill)
-    logits = self.lm_head(x, self.embed)
+    logits = limits.guard(self.lm_head(x, self.embed))
     if cache is None:
       return logits
     return logits, cache.replace(

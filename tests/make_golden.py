@@ -16,8 +16,8 @@ For each prompt (a chat-template prompt, plain English, code) it records the inp
 top 20 (id, float32 logit) of the last position, and a greedy continuation of 48 tokens (argmax
 at every step, no stop at eos, with the smallest top-1/top-2 logit margin seen, which says how
 close a step came to a tie). For one short prompt it stores the full float32 logits `[T, V]`
-(`*_logits.npz`). It also records chat-template renderings. Output goes to tests/lmjax/golden/
-(about 1 MB in all).
+(`*_logits.npz`). Output goes to tests/lmjax/golden/ (about 1 MB in all). Chat-template
+renderings come from its sibling tests/make_chat_golden.py.
 """
 
 from __future__ import annotations
@@ -39,17 +39,6 @@ TOP_K = 20
 NEW_TOKENS = 48
 
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-# Renderings only (no logits): a system prompt, several turns, with and without the
-# generation prompt.
-TEMPLATE_CHATS = [
-    (CHAT, True),
-    ([{"role": "system", "content": "You are terse."},
-      {"role": "user", "content": "Name a prime number."},
-      {"role": "assistant", "content": "7"},
-      {"role": "user", "content": "Another one?"}], True),
-    ([{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi there."}],
-     False),
-]
 PROMPTS = {
     "english": "The quick brown fox jumps over the lazy dog. In the early years of the "
                "twentieth century, the city of London",
@@ -134,9 +123,6 @@ def main() -> None:
           f"continuation {tok.decode(cont)!r}")
   full_ids = tok(FULL_LOGITS_PROMPT, add_special_tokens=False)["input_ids"]
   full = logits_of(full_ids).astype(np.float32)
-  templates = [{"messages": m, "add_generation_prompt": g,
-                "text": tok.apply_chat_template(m, tokenize=False, add_generation_prompt=g)}
-               for m, g in TEMPLATE_CHATS]
   golden = {
       "about": "made by tests/make_golden.py: transformers loading the GGUF, float32, eager",
       "gguf": GGUF, "gguf_sha256": sha256(path), "gguf_bytes": path.stat().st_size,
@@ -147,7 +133,6 @@ def main() -> None:
       "top_k": TOP_K, "new_tokens": NEW_TOKENS, "prompts": prompts,
       "full_logits": {"text": FULL_LOGITS_PROMPT, "ids": full_ids,
                       "file": f"{NAME}_logits.npz"},
-      "chat_templates": templates,
   }
   OUT.mkdir(parents=True, exist_ok=True)
   (OUT / f"{NAME}.json").write_text(json.dumps(golden, indent=1, ensure_ascii=False) + "\n",

@@ -11,8 +11,12 @@ Policy:
   `MAY_CHANGE` (cadences, mesh, learning-rate schedule, ...), and its arrays must have this
   run's shapes: otherwise a `CheckpointMismatchError` names the step and the differences, and
   nothing is touched;
-- a newest step whose files do not read (a torn copy) is moved aside to
-  `WORKDIR/checkpoints_corrupt/`, with a warning, and the previous step restores.
+- a newest step proven damaged (`lmjax.checkpoint.is_damaged`: a file of it missing,
+  truncated or unparsable; non-finite params) is moved aside to `WORKDIR/checkpoints_corrupt/`,
+  with a warning, and the previous step restores. Any other error while reading it (a
+  PermissionError, a network error or timeout, an unexpected error) is raised as a
+  `CheckpointReadError` naming the step's folder, and nothing is moved: a transient storage
+  problem must not push a run back to an older step.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from lmjax import checkpoint as layout
+from lmjax.checkpoint import CheckpointReadError, DamagedCheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +46,7 @@ MAY_CHANGE = (
     "report.*", "model.dtype", "model.attention", "model.remat_policy",
     "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.decay_steps",
     "optimizer.final_lr_fraction", "optimizer.weight_decay", "optimizer.b1", "optimizer.b2",
-    "optimizer.eps", "data.num_workers", "data.worker_buffer_size", "data.read_threads",
+    "optimizer.eps", "data.worker_buffer_size", "data.read_threads",
     "data.read_buffer_size", "data.tokenizer_cache_dir", "data.tfds_data_dir",
 )
 
@@ -52,16 +57,18 @@ class CheckpointMismatchError(ValueError):
 
 # --- a per-process JSON item (each host's data iterator position) ---------------------------
 
+def _process_file() -> str:
+  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
 class ProcessJsonHandler(ocp.CheckpointHandler):
   """Writes one JSON file per process, `process_<i>-of-<n>.json` (as grain's handler does)."""
 
   def save(self, directory: epath.Path, args: ProcessJsonSave):
-    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    (directory / name).write_text(json.dumps(args.state))
+    (directory / _process_file()).write_text(json.dumps(args.state))
 
   def restore(self, directory: epath.Path, args: ProcessJsonRestore | None = None):
-    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    path = directory / name
+    path = directory / _process_file()
     if not path.exists():
       raise FileNotFoundError(f"{path} is missing (saved with another number of processes?)")
     return json.loads(path.read_text())
@@ -191,8 +198,8 @@ class Checkpointer:
     return dest
 
   def _check(self, step: int, run_config: dict, abstract_state: Any) -> None:
-    """Raises CheckpointMismatchError when the step does not fit; OSError/ValueError when its
-    files do not read."""
+    """Raises CheckpointMismatchError when the step does not fit; another error when its files
+    do not read (`is_damaged` tells damage from the rest)."""
     meta = layout.read_step_meta(self.workdir, step)
     blocking, allowed = config_differences(meta.get("config", {}), run_config)
     if blocking:
@@ -204,12 +211,22 @@ class Checkpointer:
     if allowed:
       log.warning("resuming from step %d with changed settings:\n  %s", step,
                   "\n  ".join(allowed))
+    data_dir = self.directory / str(step) / layout.DATA
+    mine = _process_file()
+    if data_dir.is_dir() and not (data_dir / mine).exists():
+      others = sorted(p.name for p in data_dir.iterdir() if p.name.startswith("process_"))
+      if others:  # Another number of processes saved it: not damage.
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} in {self.directory} holds the data positions of other "
+            f"processes ({', '.join(others)}), not {mine}: resume with the number of "
+            "processes that saved it. Nothing was deleted.")
     item_meta = self.manager.item_metadata(step)
     diffs = []
     for item in (layout.PARAMS, layout.OPT_STATE):
       saved = item_meta[item] if item in item_meta else None
       if saved is None:
-        raise ValueError(f"checkpoint step {step}: no readable metadata for item {item!r}")
+        raise DamagedCheckpointError(
+            f"checkpoint step {step}: no readable metadata for item {item!r}")
       diffs += _shape_differences(saved, getattr(abstract_state, item), item)
     if diffs:
       raise CheckpointMismatchError(
@@ -229,8 +246,11 @@ class Checkpointer:
 
     Raises:
       CheckpointMismatchError: the newest readable step belongs to another config.
+      CheckpointReadError: a step failed to read for a reason that is not proven damage
+        (permissions, network, ...); it was left in place.
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
+      step_dir = self.directory / str(step)
       try:
         self._check(step, run_config, abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(**{
@@ -241,6 +261,8 @@ class Checkpointer:
       except CheckpointMismatchError:
         raise
       except Exception as e:  # noqa: BLE001 (orbax, tensorstore and json raise many kinds)
+        if not layout.is_damaged(e, step_dir):
+          raise CheckpointReadError(step, step_dir, e) from e
         dest = self._move_aside(step)
         log.warning("checkpoint step %d does not restore (%s: %s); moved it to %s and trying "
                     "the previous step", step, type(e).__name__, str(e)[:400], dest)
@@ -256,4 +278,4 @@ def _check_finite(params: Any, step: int) -> None:
   if not ok.all():
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     bad = [p for p, good in zip(paths, ok) if not good]
-    raise ValueError(f"checkpoint step {step} holds non-finite params in {bad[:5]}")
+    raise DamagedCheckpointError(f"checkpoint step {step} holds non-finite params in {bad[:5]}")

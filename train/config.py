@@ -1,73 +1,30 @@
 """Run configs: frozen dataclasses (model, data, optimizer, mesh, checkpoints, loop, report),
-named presets, and `--set a.b=c` overrides checked against the dataclass fields and types.
+named presets; `--set a.b=c` overrides are checked against the dataclass fields and types
+(`train.overrides`).
 
     config = preset("demo")
     config = apply_overrides(config, ["train.steps=200", "model.num_decoder_layers=2"])
 
 An unknown key, or a value of the wrong type, is a ValueError naming the key and the keys (or
-the type) allowed. Every section validates itself on creation, so a bad value fails before any
-work starts.
+the type) allowed. Every section validates itself on creation, and `RunConfig` checks the
+sections against each other (`check_sections`), so a bad value fails before any work starts.
+What needs the tokenizer (the report prompts' real token counts) is checked by the job once the
+tokenizer is loaded, still before step 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
-import types
-import typing
-from collections.abc import Sequence
 from typing import Any
 
 from lmjax.config import TransformerConfig
 from lmjax.tokenizer import TokenizerConfig
-from train.data import DataConfig
+from train import objectives
+from train.data import DataConfig, row_lengths
+from train.overrides import apply_overrides, check_types, parse_value  # noqa: F401
 
 PRECISIONS = ("auto", "float32", "bfloat16", "model")
-
-
-def _check_types(obj: Any) -> None:
-  """Checks every field of a dataclass against its annotation (int is not bool; ints are
-  accepted, and stored, as floats)."""
-  for f in dataclasses.fields(obj):
-    hint = typing.get_type_hints(type(obj))[f.name]
-    value = getattr(obj, f.name)
-    ok, value = _conforms(value, hint)
-    if not ok:
-      raise ValueError(f"{type(obj).__name__}.{f.name}={value!r} must be {_type_name(hint)}")
-    object.__setattr__(obj, f.name, value)
-
-
-def _conforms(value: Any, hint: Any) -> tuple[bool, Any]:
-  origin, args = typing.get_origin(hint), typing.get_args(hint)
-  if origin in (typing.Union, types.UnionType):
-    if value is None:
-      return type(None) in args, value
-    return _conforms(value, next(a for a in args if a is not type(None)))
-  if origin is tuple:
-    if not isinstance(value, (tuple, list)):
-      return False, value
-    checked = [_conforms(v, args[0]) for v in value]
-    return all(ok for ok, _ in checked), tuple(v for _, v in checked)
-  if hint is float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return ok, float(value) if ok else value
-  if hint is int:
-    return isinstance(value, int) and not isinstance(value, bool), value
-  return isinstance(value, hint), value
-
-
-def _type_name(hint: Any) -> str:
-  origin, args = typing.get_origin(hint), typing.get_args(hint)
-  if origin in (typing.Union, types.UnionType):
-    inner = next(a for a in args if a is not type(None))
-    return f"{_type_name(inner)} or none"
-  if origin is tuple:
-    return f"a list of {_type_name(args[0])} (comma-separated, or a JSON list)"
-  if hint is bool:
-    return "a bool (true/false)"
-  return {int: "an int", float: "a float", str: "a string"}.get(hint, getattr(hint, "__name__",
-                                                                             str(hint)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +48,7 @@ class OptimizerConfig:
   clip_norm: float | None = 1.0
 
   def __post_init__(self):
-    _check_types(self)
+    check_types(self)
     if self.learning_rate <= 0 or self.warmup_steps < 0:
       raise ValueError(f"optimizer: learning_rate={self.learning_rate} must be > 0 and "
                        f"warmup_steps={self.warmup_steps} >= 0")
@@ -120,7 +77,7 @@ class MeshConfig:
   distributed: bool | None = None
 
   def __post_init__(self):
-    _check_types(self)
+    check_types(self)
     sizes = (self.data, self.fsdp, self.tensor)
     if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
       raise ValueError(f"mesh: data={self.data} fsdp={self.fsdp} tensor={self.tensor}; each "
@@ -140,7 +97,7 @@ class CheckpointConfig:
   resume: bool = True
 
   def __post_init__(self):
-    _check_types(self)
+    check_types(self)
     if self.every < 0 or self.keep < 1:
       raise ValueError(f"checkpoint: every={self.every} must be >= 0 and keep={self.keep} >= 1")
 
@@ -150,9 +107,15 @@ class TrainConfig:
   """The loop: steps, accumulation, evaluation and logging cadence, precision, seed.
 
   `grad_accum` splits each batch (`data.batch_size` rows per host) into that many
-  micro-batches. `eval_batches` 0 evaluates one full pass of `eval_split`. `precision`:
+  micro-batches. `eval_batches` 0 evaluates one full pass of `eval_split` ("train", an endless
+  stream, needs `eval_batches` > 0 or `data.num_epochs`).
+
+  `precision` (see `resolve_dtypes`): "model" keeps `model.dtype` and `model.param_dtype`.
   "auto" computes in bfloat16 on TPU/GPU and float32 on CPU, with float32 params and optimizer
-  state; "float32"/"bfloat16" force the compute dtype; "model" keeps the model's dtypes.
+  state, when the model's dtypes are both float32 (the defaults); a model given another dtype
+  keeps its own dtypes (the explicit setting wins). "float32"/"bfloat16" compute in that dtype
+  with float32 params; a model dtype that contradicts them (a `param_dtype` other than float32,
+  or a `dtype` other than float32 and the precision) is refused when the config is made.
   """
 
   steps: int = 1000
@@ -166,7 +129,7 @@ class TrainConfig:
   progress_bar: bool = True
 
   def __post_init__(self):
-    _check_types(self)
+    check_types(self)
     if self.steps < 1 or self.grad_accum < 1 or self.log_every < 1:
       raise ValueError(f"train: steps={self.steps}, grad_accum={self.grad_accum} and "
                        f"log_every={self.log_every} must be >= 1")
@@ -179,8 +142,12 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ReportConfig:
-  """What the end of a run reports: validation perplexity beside a unigram baseline, and
-  continuations of `prompts` sampled with top-p (Holtzman et al., 2020)."""
+  """What the end of a run reports: validation perplexity beside a unigram baseline, and what
+  the model makes of `prompts` (`train.report.prompt_report`): a causal LM continues them,
+  sampling with top-p (Holtzman et al., 2020) at `temperature`; a seq2seq or span-corruption
+  model generates from them as encoder input (greedy; span corruption fills a span after the
+  prompt unless it writes sentinels); a masked LM fills their `<mask>` tokens (or a masked
+  middle span) with its argmax. `max_new_tokens` bounds generation."""
 
   unigram_baseline: bool = False
   prompts: tuple[str, ...] = ()
@@ -189,7 +156,7 @@ class ReportConfig:
   temperature: float = 0.8
 
   def __post_init__(self):
-    _check_types(self)
+    check_types(self)
     if self.max_new_tokens < 1 or not 0 < self.top_p <= 1 or self.temperature < 0:
       raise ValueError("report: max_new_tokens must be >= 1, top_p in (0, 1], temperature >= 0")
 
@@ -207,13 +174,82 @@ class RunConfig:
   report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
 
   def __post_init__(self):
-    _check_types(self)
-    if self.model.max_len < self.data.seq_len:
-      raise ValueError(f"model.max_len={self.model.max_len} is below data.seq_len="
-                       f"{self.data.seq_len}; raise model.max_len or lower data.seq_len")
+    check_types(self)
+    check_sections(self)
 
   def to_dict(self) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+_FLOAT32 = ("float32", "float32")
+
+
+def resolve_dtypes(precision: str, model: TransformerConfig, backend: str) -> tuple[str, str]:
+  """`(dtype, param_dtype)` the model trains with under `train.precision` on `backend`."""
+  own = (model.dtype, model.param_dtype)
+  if precision == "model" or (precision == "auto" and own != _FLOAT32):
+    return own
+  if precision == "auto":
+    return ("float32" if backend == "cpu" else "bfloat16"), "float32"
+  return precision, "float32"
+
+
+def check_sections(c: RunConfig) -> None:
+  """Checks the sections of a run config against each other (ValueError naming the keys)."""
+  m, d, t, r = c.model, c.data, c.train, c.report
+  try:
+    objectives.check_model_fits(d.objective, m.num_encoder_layers, m.num_decoder_layers)
+  except ValueError as e:
+    raise ValueError(f"data.objective={d.objective!r} and model: {e}; change "
+                     "model.num_encoder_layers / model.num_decoder_layers or data.objective"
+                     ) from e
+  # Rows must fit the context.
+  if m.max_len < d.seq_len:
+    raise ValueError(f"model.max_len={m.max_len} is below data.seq_len="
+                     f"{d.seq_len}; raise model.max_len or lower data.seq_len")
+  trained = d.tokenizer_path is None  # The tokenizer is trained from data.tokenizer settings.
+  try:
+    _, dec_len = row_lengths(d, num_sentinels=d.tokenizer.num_sentinels if trained else None)
+  except ValueError as e:
+    raise ValueError(f"data: {e}") from e
+  if m.num_encoder_layers and m.num_decoder_layers and dec_len > m.max_len:
+    what = ("data.target_seq_len" if d.target_seq_len else
+            f"what span corruption of data.seq_len={d.seq_len} needs" if
+            d.objective == "span_corruption" else "data.seq_len")
+    raise ValueError(f"decoder rows of {dec_len} tokens ({what}) pass model.max_len="
+                     f"{m.max_len}; raise model.max_len or lower data.target_seq_len")
+  if trained and d.tokenizer.vocab_size > m.vocab_size:
+    raise ValueError(f"data.tokenizer.vocab_size={d.tokenizer.vocab_size} is above "
+                     f"model.vocab_size={m.vocab_size}: set model.vocab_size >= "
+                     f"{d.tokenizer.vocab_size} or a smaller data.tokenizer.vocab_size")
+  # Precision against the model's dtypes.
+  p = t.precision
+  if p not in ("model", "auto") and (m.param_dtype != "float32" or m.dtype not in ("float32", p)):
+    raise ValueError(
+        f"train.precision={p!r} trains with dtype {p!r} and float32 params, but "
+        f"model.dtype={m.dtype!r} and model.param_dtype={m.param_dtype!r} ask otherwise: set "
+        "train.precision=model (or auto) to keep the model's dtypes, or leave model.dtype and "
+        "model.param_dtype at float32")
+  # Evaluation reads a finite split.
+  if t.eval_split == "train" and t.eval_batches == 0 and d.num_epochs is None:
+    raise ValueError("train.eval_split='train' reads the endless (repeated) train stream, and "
+                     "train.eval_batches=0 would evaluate forever: set train.eval_batches > 0 "
+                     "or data.num_epochs")
+  # The report's prompts fit the context (exactly, with the tokenizer, when the job starts).
+  if r.prompts:
+    empty = [i for i, prompt in enumerate(r.prompts) if not prompt]
+    if empty:
+      raise ValueError(f"report.prompts {list(r.prompts)}: prompt(s) {empty} are empty")
+    if d.objective == "causal_lm" and r.max_new_tokens > m.max_len - 2:
+      raise ValueError(
+          f"report.max_new_tokens={r.max_new_tokens} does not fit model.max_len={m.max_len}: "
+          "each prompt (bos and at least one token) plus the new tokens must fit the context, "
+          f"so report.max_new_tokens <= {m.max_len - 2}; lower it or raise model.max_len")
+    if d.objective in ("seq2seq", "span_corruption") and r.max_new_tokens > m.max_len:
+      raise ValueError(
+          f"report.max_new_tokens={r.max_new_tokens} passes the decoder's context "
+          f"model.max_len={m.max_len}; use report.max_new_tokens <= {m.max_len} or raise "
+          "model.max_len")
 
 
 # --- presets -------------------------------------------------------------------------------
@@ -286,118 +322,3 @@ def preset(name: str) -> RunConfig:
   if name not in PRESETS:
     raise ValueError(f"unknown run preset {name!r}; presets are {sorted(PRESETS)}")
   return PRESETS[name]()
-
-
-# --- --set overrides -----------------------------------------------------------------------
-
-_BOOLS = {"true": True, "1": True, "yes": True, "on": True,
-          "false": False, "0": False, "no": False, "off": False}
-
-
-def parse_value(raw: str, hint: Any, key: str) -> Any:
-  """`raw` (a command-line string) as the type `hint`, or a ValueError naming `key`."""
-  def bad():
-    return ValueError(f"--set {key}={raw}: {key} must be {_type_name(hint)}, got {raw!r}")
-
-  origin, args = typing.get_origin(hint), typing.get_args(hint)
-  if origin in (typing.Union, types.UnionType):
-    if raw.strip().lower() in ("none", "null"):
-      return None
-    try:
-      return parse_value(raw, next(a for a in args if a is not type(None)), key)
-    except ValueError:
-      raise bad() from None
-  if origin is tuple:
-    text = raw.strip()
-    if text.startswith("["):
-      try:
-        items = json.loads(text)
-      except json.JSONDecodeError:
-        raise bad() from None
-      if not isinstance(items, list):
-        raise bad()
-      items = [i if isinstance(i, str) else json.dumps(i) for i in items]
-    else:
-      items = [s.strip() for s in text.split(",")] if text else []
-    try:
-      return tuple(parse_value(i, args[0], key) for i in items)
-    except ValueError:
-      raise bad() from None
-  text = raw.strip()
-  if hint is bool:
-    if text.lower() not in _BOOLS:
-      raise bad()
-    return _BOOLS[text.lower()]
-  if hint is int:
-    if not re.fullmatch(r"[+-]?\d+", text.replace("_", "")):
-      raise bad()
-    return int(text.replace("_", ""))
-  if hint is float:
-    try:
-      return float(text)
-    except ValueError:
-      raise bad() from None
-  if hint is str:
-    return raw
-  raise bad()
-
-
-def _keys(obj: Any) -> list[str]:
-  return sorted(f.name for f in dataclasses.fields(obj))
-
-
-def _parse(obj: Any, path: list[str], raw: str, key: str, done: str = "") -> Any:
-  """Checks `key` against the dataclass fields and parses `raw` by the field's type."""
-  name = path[0]
-  where = f"'{done}'" if done else "the run config"
-  if name not in _keys(obj):
-    raise ValueError(f"unknown config key {key!r}: {where} has keys {_keys(obj)}")
-  hint = typing.get_type_hints(type(obj))[name]
-  here = f"{done}.{name}" if done else name
-  value = getattr(obj, name)
-  if len(path) == 1:
-    if dataclasses.is_dataclass(value):
-      raise ValueError(f"config key {key!r} is a section, not a value; set one of its keys: "
-                       f"{[f'{here}.{k}' for k in _keys(value)]}")
-    return parse_value(raw, hint, key)
-  if not dataclasses.is_dataclass(value):
-    raise ValueError(f"unknown config key {key!r}: {here!r} is a value "
-                     f"({_type_name(hint)}), not a section")
-  return _parse(value, path[1:], raw, key, here)
-
-
-def _apply(obj: Any, updates: dict[str, Any], done: str, given: dict[str, str]) -> Any:
-  changes = {}
-  for name, value in updates.items():
-    here = f"{done}.{name}" if done else name
-    changes[name] = _apply(getattr(obj, name), value, here, given) if isinstance(
-        value, dict) else value
-  try:
-    return dataclasses.replace(obj, **changes)
-  except (TypeError, ValueError) as e:
-    sets = [f"{k}={v}" for k, v in given.items() if not done or k.startswith(done + ".")]
-    raise ValueError(f"--set {' '.join(sets)}: {e}") from e
-
-
-def apply_overrides(config: RunConfig, sets: Sequence[str]) -> RunConfig:
-  """Applies `key=value` overrides (`model.num_heads=8`, `data.tokenizer.vocab_size=512`,
-  `report.prompts=["a", "b"]`); a later one of the same key wins.
-
-  All keys and types are checked first; then each changed section is rebuilt once with all
-  its changes and validates, so the order of the overrides does not matter.
-  """
-  updates: dict[str, Any] = {}
-  given: dict[str, str] = {}
-  for item in sets:
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-      raise ValueError(f"--set expects key=value (e.g. train.steps=100), got {item!r}")
-    path = key.split(".")
-    value = _parse(config, path, raw, key)
-    node = updates
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = value
-    given[key] = raw
-  return _apply(config, updates, "", given) if updates else config

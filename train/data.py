@@ -68,7 +68,9 @@ class DataConfig:
     tokenizer_path: a `.model` file to load instead of training.
     tokenizer_cache_dir: cache of trained tokenizers (None: `~/.cache/lmjax/tokenizers`).
     tfds_data_dir: tfds data folder, local or gs:// (None: tfds default).
-    num_workers: grain worker processes (0: in this process).
+    num_workers: grain worker processes (0: in this process). Each worker packs its own share
+      of the records, so the worker count changes the batches and the saved data position: a
+      run resumes only with the `num_workers` it started with.
     worker_buffer_size: batches each worker prepares ahead.
     read_threads, read_buffer_size: threads and records ahead for reading and tokenizing.
   """
@@ -178,21 +180,31 @@ class _MakeExamples:
     return out
 
 
-def _lengths(config: DataConfig, tokenizer: Tokenizer) -> tuple[int, int]:
-  """(raw chunk length, decoder length) for the objective; checks the tokenizer fits it."""
+def row_lengths(config: DataConfig, *, has_mask: bool = True,
+                num_sentinels: int | None = None) -> tuple[int, int]:
+  """(raw chunk length, decoder length) of the objective's rows.
+
+  Args:
+    config: the data settings.
+    has_mask: the tokenizer has a mask token (masked LM needs one).
+    num_sentinels: the tokenizer's sentinels (span corruption needs enough); None: not checked.
+
+  Raises:
+    ValueError: the tokenizer cannot serve the objective, or `target_seq_len` is too short.
+  """
   c = config
-  if c.objective == "masked_lm" and tokenizer.mask_id is None:
+  if c.objective == "masked_lm" and not has_mask:
     raise ValueError("objective 'masked_lm' needs a tokenizer with a mask token (mask_id)")
   if c.objective != "span_corruption":
     return c.seq_len, c.target_seq_len or c.seq_len
   raw = od.span_corruption_raw_length(c.seq_len, c.noise_density, c.mean_noise_span_length)
   dec_needed = od.span_corruption_lengths(raw, c.noise_density, c.mean_noise_span_length)[1]
   spans = dec_needed - 1 - int(round(raw * c.noise_density))
-  if spans > len(tokenizer.sentinel_ids):
+  if num_sentinels is not None and spans > num_sentinels:
     raise ValueError(
         f"span_corruption of {raw} tokens makes {spans} spans, but the tokenizer has "
-        f"{len(tokenizer.sentinel_ids)} sentinels: lower seq_len, raise "
-        "mean_noise_span_length, or train the tokenizer with more num_sentinels"
+        f"{num_sentinels} sentinels: lower seq_len, raise mean_noise_span_length, or train the "
+        "tokenizer with more num_sentinels"
     )
   if c.target_seq_len is not None and c.target_seq_len < dec_needed:
     raise ValueError(f"target_seq_len={c.target_seq_len}; span corruption with seq_len="
@@ -200,13 +212,20 @@ def _lengths(config: DataConfig, tokenizer: Tokenizer) -> tuple[int, int]:
   return raw, c.target_seq_len or dec_needed
 
 
+def _lengths(config: DataConfig, tokenizer: Tokenizer) -> tuple[int, int]:
+  """(raw chunk length, decoder length) for the objective; checks the tokenizer fits it."""
+  return row_lengths(config, has_mask=tokenizer.mask_id is not None,
+                     num_sentinels=len(tokenizer.sentinel_ids))
+
+
 class DataIterator:
   """Iterates batches; `get_state()`/`set_state()` save and restore the exact position."""
 
-  def __init__(self, dataset: grain.IterDataset, fingerprint: str):
+  def __init__(self, dataset: grain.IterDataset, fingerprint: str, num_workers: int = 0):
     self._dataset = dataset
     self._iterator = iter(dataset)
     self.fingerprint = fingerprint
+    self.num_workers = num_workers
 
   def __iter__(self) -> DataIterator:
     return self
@@ -215,12 +234,21 @@ class DataIterator:
     return next(self._iterator)
 
   def get_state(self) -> dict[str, Any]:
-    """JSON-serializable state: the pipeline's fingerprint and grain's iterator state."""
+    """JSON-serializable state: the pipeline's fingerprint, its worker count and grain's
+    iterator state."""
     state = json.loads(json.dumps(self._iterator.get_state(), default=_to_json))
-    return {"fingerprint": self.fingerprint, "grain": state}
+    return {"fingerprint": self.fingerprint, "num_workers": self.num_workers, "grain": state}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    """Restores a state from `get_state` of a pipeline with the same config, split and host."""
+    """Restores a state from `get_state` of a pipeline with the same config, split and host
+    (`num_workers` included: the batches depend on it)."""
+    saved_workers = state.get("num_workers", self.num_workers)
+    if saved_workers != self.num_workers:
+      raise ValueError(
+          f"data state was saved with data.num_workers={saved_workers}, this pipeline has "
+          f"num_workers={self.num_workers}: each grain worker packs its own share of the "
+          "records, so the batches and the saved position depend on the worker count. Resume "
+          f"with data.num_workers={saved_workers} (a new run may use any number)")
     if state.get("fingerprint") != self.fingerprint:
       raise ValueError(
           "data state was saved by a different pipeline (config, split, tokenizer or host "
@@ -321,10 +349,11 @@ def make_pipeline(
     _ensure_absl_flags_parsed()  # grain's workers read absl flags.
     it = it.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size))
-  return DataIterator(it, _fingerprint(config, tokenizer, split, process_index, process_count))
+  return DataIterator(it, _fingerprint(config, tokenizer, split, process_index, process_count),
+                      config.num_workers)
 
 
-# Settings that do not change which data come in which order.
+# Settings that do not change which data come in which order (`num_workers` does: it is in).
 _NOT_IN_FINGERPRINT = ("tokenizer", "tokenizer_path", "tokenizer_cache_dir", "tfds_data_dir",
                        "worker_buffer_size", "read_threads", "read_buffer_size")
 

@@ -12,13 +12,22 @@ about 7%). Each example is one passage: consecutive paragraphs (blank-line separ
 work, up to `PASSAGE_CHARS` characters (a longer paragraph stays whole).
 
 Features: `text` (the passage), `work` (the title), `passage` (its index in the work).
+
+The first `prepare` in a data folder prints one line of its own; tfds's output (its "Downloading
+and preparing dataset Unknown size ..." lines, progress bars and absl warnings) shows only when
+asked for (`verbose=True`, or INFO logging of `train`, which `python -m train.pretrain -v` turns
+on).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import io
+import logging
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +37,7 @@ CORPUS_PATH = Path(__file__).parent / "corpora" / "shakespeare.txt.gz"
 DATASET_NAME = "lmjax_shakespeare"
 VALIDATION_FRACTION = 0.05
 PASSAGE_CHARS = 4000
+log = logging.getLogger(__name__)
 _TITLE = re.compile(r"(?m)^(\S[^\n]*)\n\n?by William Shakespeare[ \t]*$")
 
 
@@ -108,13 +118,51 @@ class LmjaxShakespeare(tfds.core.GeneratorBasedBuilder):
         yield f"{title}/{i}", {"text": passage, "work": title, "passage": i}
 
 
-def prepare(data_dir: str | Path | None = None) -> tfds.core.DatasetBuilder:
+@contextlib.contextmanager
+def _quiet():
+  """Holds back tfds's prints, progress bars and absl log records; yields the captured text."""
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  captured = io.StringIO()
+  absl_log.setLevel(logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+      yield captured
+  finally:
+    absl_log.setLevel(level)
+
+
+def prepare(data_dir: str | Path | None = None, *,
+            verbose: bool | None = None) -> tfds.core.DatasetBuilder:
   """Builds the dataset in `data_dir` (tfds default when None) unless already there.
+
+  Args:
+    data_dir: the tfds data folder.
+    verbose: show tfds's own output while preparing. None: when this module's logger is
+      enabled for INFO (`python -m train.pretrain -v`). Otherwise one line of ours is printed
+      instead (and tfds's output is printed only if preparing fails).
 
   Returns:
     The prepared builder; `tfds.data_source(DATASET_NAME, data_dir=..., split=...)` reads it.
   """
-  builder = LmjaxShakespeare(data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
+  if verbose is None:
+    verbose = log.isEnabledFor(logging.INFO)
+  quiet = contextlib.nullcontext if verbose else _quiet
+  with quiet():  # tfds warns here that the unprepared folder has no dataset_info.json.
+    builder = LmjaxShakespeare(data_dir=data_dir, file_format="array_record")
+    prepared = builder.is_prepared()
+  if prepared:
+    return builder
+  if verbose:
     builder.download_and_prepare(file_format="array_record")
+    return builder
+  print(f"preparing the embedded Shakespeare corpus (once) in {builder.data_dir} ...",
+        flush=True)
+  output = io.StringIO()
+  try:
+    with _quiet() as output:
+      builder.download_and_prepare(file_format="array_record")
+  except BaseException:
+    sys.stderr.write(output.getvalue())  # What tfds said, for the error that follows.
+    raise
   return builder

@@ -11,10 +11,16 @@ host feeds only its own rows.
 Gradient accumulation splits each batch into `grad_accum` micro-batches, scanned in the step;
 losses, token counts and gradients are summed over them and divided once by the real tokens,
 so k micro-batches give the gradient of one k-times-larger batch.
+
+A model whose config names `attention="flash"` trains through the Pallas kernel of
+`infer.flash_attention` (which the trainer imports, so registers, for it): compiled on a TPU or
+GPU, run per device in a `shard_map` over the mesh; on a CPU run in the Pallas interpreter
+(`interpret_on_cpu`), not the reference that inference falls back to there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -56,6 +62,16 @@ class NonFiniteLossError(FloatingPointError):
     self.step = step
 
 
+def attention_scope(model: nn.Module) -> Callable[[], contextlib.AbstractContextManager]:
+  """What the trainer traces its model under: for `attention="flash"`, the kernel's
+  `interpret_on_cpu` (importing `infer.flash_attention` registers the name); else nothing."""
+  if getattr(getattr(model, "config", None), "attention", None) != "flash":
+    return contextlib.nullcontext
+  from infer import flash_attention  # train -> infer is allowed; infer never imports train.
+
+  return flash_attention.interpret_on_cpu
+
+
 def check_batch_divisible(global_batch: int, grad_accum: int, mesh: jax.sharding.Mesh) -> None:
   """Each micro-batch must split evenly over the mesh's batch axes (data x fsdp)."""
   shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
@@ -91,8 +107,11 @@ class Trainer:
     self.grad_accum, self.seed, self.learning_rate = grad_accum, seed, learning_rate
     self.global_batch = global_batch
     self.batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    self._attention_scope = attention_scope(model)
     self._init_params = lambda: model.init(jax.random.key(seed), *init_inputs)["params"]
-    boxed = jax.eval_shape(lambda: TrainState(self._init_params(), tx.init(self._init_params())))
+    with self._attention_scope():
+      boxed = jax.eval_shape(
+          lambda: TrainState(self._init_params(), tx.init(self._init_params())))
     self.state_shardings = logical_shardings(boxed, mesh)
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
@@ -107,13 +126,19 @@ class Trainer:
 
   # --- state and batches ---------------------------------------------------------------------
 
+  @contextlib.contextmanager
+  def _tracing(self):
+    """The mesh and the attention scope, around every call that may trace the model."""
+    with jax.set_mesh(self.mesh), self._attention_scope():
+      yield
+
   def init_state(self) -> TrainState:
     """Fresh params and optimizer state, each shard made on its own device."""
     def init():
       params = nn.meta.unbox(self._init_params())
       return TrainState(params, self.tx.init(params))
 
-    with jax.set_mesh(self.mesh):
+    with self._tracing():
       return jax.jit(init, out_shardings=self.state_shardings)()
 
   def place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -169,7 +194,7 @@ class Trainer:
 
   def train_step(self, state: TrainState, step: int, batch: dict[str, np.ndarray]):
     """One optimizer step on this host's rows (`step`: the 0-based index, for dropout)."""
-    with jax.set_mesh(self.mesh):
+    with self._tracing():
       return self._step(state, np.int32(step), self.place(batch))
 
   # --- evaluation ----------------------------------------------------------------------------
@@ -182,7 +207,7 @@ class Trainer:
     every host is done, so the collectives stay in step.
     """
     totals, count, template = None, 0, None
-    with jax.set_mesh(self.mesh):
+    with self._tracing():
       while not max_batches or count < max_batches:
         batch = next(batches, None)
         if batch is not None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from lmjax.config import TransformerConfig
 from lmjax.convert import safetensors_io
-from lmjax.convert.layout import check_llama_family
+from lmjax.convert.layout import check_llama_family, natural_key
 from lmjax.convert.tensors import TensorRef
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -155,7 +155,7 @@ def write_weights(folder: Path, tensors: Mapping[str, np.ndarray],
                   max_shard_bytes: int) -> list[Path]:
   """Writes `model.safetensors`, or shards `model-0000i-of-0000n.safetensors` plus
   `model.safetensors.index.json` when the total passes `max_shard_bytes`."""
-  names = sorted(tensors, key=_natural)
+  names = sorted(tensors, key=natural_key)
   shards: list[list[str]] = [[]]
   size = 0
   for n in names:
@@ -181,7 +181,3 @@ def write_weights(folder: Path, tensors: Mapping[str, np.ndarray],
   (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
   return [*paths, folder / INDEX_FILE]
 
-
-def _natural(name: str):
-  import re
-  return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]

@@ -1,4 +1,4 @@
-"""Tokenizers of pretrained models through Hugging Face `tokenizers`, and their chat templates.
+"""Tokenizers of pretrained models through Hugging Face `tokenizers`.
 
 `HFTokenizer` implements `lmjax.tokenizer.Tokenizer` (encode, decode, `pad_id`, `bos_id`,
 `eos_id`, `unk_id`, `vocab_size`) plus `bos_token`, `eos_token`, `chat_template` and
@@ -14,8 +14,7 @@
   Control tokens (type 3) become special added tokens (matched whole in text, dropped by
   `decode`), user-defined ones (type 4) plain added tokens.
 
-Chat templates are Jinja2 rendered as transformers' `apply_chat_template` does (sandboxed,
-`trim_blocks`, `lstrip_blocks`, `raise_exception`, `strftime_now`, a `tojson` filter).
+Chat templates are rendered by `lmjax.convert.chat_template` (the one renderer).
 """
 
 from __future__ import annotations
@@ -27,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lmjax.convert.chat_template import render_chat_template, special_tokens_map
+from lmjax.tokenizer import _is_batch
 
 # llama.cpp's token types (gguf.TokenType).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -173,6 +175,48 @@ class HFTokenizer:
   def piece_to_id(self, piece: str) -> int | None:
     return self._tk.token_to_id(piece)
 
+  def token_bytes(self) -> list[bytes]:
+    """Per id, the UTF-8 bytes it adds to decoded text (`lmjax.tokenizer.Tokenizer`): b"" for
+    special tokens (`decode` drops them); with a `ByteLevel` decoder (GPT-2 style BPE) the bytes
+    behind GPT-2's byte-to-unicode alphabet, so a token may be part of a character; otherwise
+    `<0xAB>` byte-fallback pieces as their byte and the decoder's `Replace` / `Metaspace` rules
+    ("▁" -> " ") on the token's text. A decoder that strips the text's first space (llama's)
+    does so in `decode`; these bytes keep it. Computed once, then cached."""
+    cached = getattr(self, "_token_bytes_cache", None)
+    if cached is not None and len(cached) == self.vocab_size:
+      return list(cached)
+    spec = {} if self._tk.decoder is None else json.loads(self._tk.decoder.__getstate__())
+    parts = spec.get("decoders", []) if spec.get("type") == "Sequence" else [spec]
+    kinds = {p.get("type") for p in parts}
+    replace = [(p["pattern"]["String"], p["content"]) for p in parts
+               if p.get("type") == "Replace" and "String" in (p.get("pattern") or {})]
+    replace += [(p.get("replacement", "\u2581"), " ") for p in parts
+                if p.get("type") == "Metaspace"]
+    # GPT-2's bytes_to_unicode, inverted: printable bytes stand for themselves, the rest 256+.
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    to_byte = {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(others)}
+    specials = {i for i, t in self._tk.get_added_tokens_decoder().items() if t.special}
+    out = []
+    for i in range(self.vocab_size):
+      tok = self._tk.id_to_token(i)
+      if tok is None or i in specials:
+        out.append(b"")
+      elif "ByteLevel" in kinds:
+        if all(c in to_byte for c in tok):
+          out.append(bytes(to_byte[c] for c in tok))
+        else:  # as the decoder does: a token outside the alphabet is its own text
+          out.append(tok.encode("utf-8"))
+      elif ("ByteFallback" in kinds and len(tok) == 6 and tok.startswith("<0x")
+            and tok.endswith(">") and all(c in "0123456789abcdefABCDEF" for c in tok[3:5])):
+        out.append(bytes([int(tok[3:5], 16)]))
+      else:
+        for old, new in replace:
+          tok = tok.replace(old, new)
+        out.append(tok.encode("utf-8"))
+    self._token_bytes_cache = out
+    return list(out)
+
   def apply_chat_template(self, messages: Sequence[dict[str, Any]],
                           add_generation_prompt: bool = True, **kwargs) -> str:
     """The prompt text of a chat, rendered with the model's Jinja2 template.
@@ -183,18 +227,19 @@ class HFTokenizer:
     Args:
       messages: `[{"role": "system"|"user"|"assistant", "content": str}, ...]`.
       add_generation_prompt: end with the header of an assistant turn.
-      **kwargs: extra template variables (e.g. `tools`).
+      **kwargs: extra template variables (e.g. `tools`, `documents`); they override the
+        special tokens.
 
     Raises:
-      ValueError: the tokenizer has no chat template.
+      ValueError: the tokenizer has no chat template, or the template fails (see
+        `render_chat_template`).
     """
     if self.chat_template is None:
       raise ValueError("this tokenizer has no chat template (base models usually have none); "
                        "build the prompt text yourself")
-    specials = {f"{k}_token": v for k, v in self._tokens.items() if v is not None}
     return render_chat_template(self.chat_template, messages,
                                 add_generation_prompt=add_generation_prompt,
-                                **{**specials, **kwargs})
+                                **{**special_tokens_map(self), **kwargs})
 
   def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                   **kwargs) -> list[int]:
@@ -303,12 +348,6 @@ class HFTokenizer:
             f"eos={self.eos_token!r}, chat_template={self.chat_template is not None})")
 
 
-def _is_batch(ids: Any) -> bool:
-  if isinstance(ids, np.ndarray) or hasattr(ids, "ndim"):
-    return np.ndim(ids) == 2
-  return len(ids) > 0 and isinstance(ids[0], list | tuple | np.ndarray)
-
-
 def _post_processor_adds_bos(tk, bos: str | None) -> bool:
   if bos is None or tk.post_processor is None:
     return False
@@ -401,37 +440,3 @@ def _add_special(tk, tokens: Sequence[str], types: Sequence[int]) -> None:
     tk.add_special_tokens(special)
   if user:
     tk.add_tokens(user)
-
-
-def render_chat_template(template: str, messages: Sequence[dict[str, Any]], *,
-                         add_generation_prompt: bool = True, **variables) -> str:
-  """Renders a Hugging Face chat template (Jinja2) as transformers does.
-
-  Args:
-    template: the Jinja2 source.
-    messages: the chat.
-    add_generation_prompt: passed to the template.
-    **variables: `bos_token`, `eos_token`, `tools`, ...
-  """
-  try:
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-  except ImportError as e:
-    raise ImportError("chat templates need `jinja2`: pip install jinja2") from e
-  import datetime
-
-  def raise_exception(message):
-    raise jinja2.exceptions.TemplateError(message)
-
-  def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                      extensions=["jinja2.ext.loopcontrols"])
-  env.filters["tojson"] = tojson
-  env.globals["raise_exception"] = raise_exception
-  env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-  return env.from_string(template).render(messages=list(messages),
-                                          add_generation_prompt=add_generation_prompt,
-                                          **variables)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,8 +39,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lmjax.config import TransformerConfig
 from lmjax.convert.tensors import TensorRef
+from lmjax.counting import abstract_params, init_fn
 from lmjax.sharding import param_shardings
-from lmjax.transformer import CausalLM
 
 # Layer tensors: Hugging Face suffix, lmjax path inside a layer, kind of transform.
 LAYER_TENSORS: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -120,17 +119,6 @@ def to_hf(kind: str, w: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(w.T)  # linear
 
 
-def _init_fn(cfg: TransformerConfig):
-  def init():
-    return CausalLM(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  return init
-
-
-def abstract_params(cfg: TransformerConfig) -> dict:
-  """`{path: ShapeDtypeStruct}` of the params `CausalLM(cfg)` makes (no memory used)."""
-  return flatten_dict(nn.meta.unbox(jax.eval_shape(_init_fn(cfg))))
-
-
 def plan(cfg: TransformerConfig) -> dict[tuple[str, ...], tuple[list[str], str, tuple[int, ...]]]:
   """For each lmjax param path: its Hugging Face names (L of them when scanned), kind, shape.
 
@@ -141,7 +129,7 @@ def plan(cfg: TransformerConfig) -> dict[tuple[str, ...], tuple[list[str], str, 
   top = {path: (name, kind) for name, path, kind in TOP_TENSORS}
   layer = {path: (suffix, kind) for suffix, path, kind in LAYER_TENSORS}
   out = {}
-  for path, sds in abstract_params(cfg).items():
+  for path, sds in flatten_dict(abstract_params(cfg)).items():
     shape = tuple(sds.shape)
     if path in top:
       name, kind = top[path]
@@ -171,13 +159,13 @@ def check_tensors(cfg: TransformerConfig, tensors: Mapping[str, TensorRef], wher
   """
   p = plan(cfg)
   needed = {n for names, _, _ in p.values() for n in names}
-  missing = sorted(needed - set(tensors), key=_natural)
+  missing = sorted(needed - set(tensors), key=natural_key)
   if missing:
     raise ValueError(
         f"{where} lacks {len(missing)} tensor(s) the config needs, e.g. {missing[:5]} (config: "
         f"{cfg.num_decoder_layers} layers, qkv_bias={cfg.resolved_qkv_bias}, "
         f"tie_embeddings={cfg.tie_embeddings})")
-  extra = sorted((n for n in set(tensors) - needed if not IGNORED.fullmatch(n)), key=_natural)
+  extra = sorted((n for n in set(tensors) - needed if not IGNORED.fullmatch(n)), key=natural_key)
   if cfg.tie_embeddings and "lm_head.weight" in extra:
     extra.remove("lm_head.weight")  # some tied checkpoints store the embedding twice
   if extra:
@@ -201,7 +189,8 @@ def _stacked(cfg: TransformerConfig, names: list[str]) -> bool:
   return cfg.scan_layers and names[0].startswith("model.layers.")
 
 
-def _natural(name: str):
+def natural_key(name: str) -> list:
+  """Sort key putting "layers.2" before "layers.10" (numbers compared as numbers)."""
   return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
 
 
@@ -221,7 +210,7 @@ def build_params(cfg: TransformerConfig, tensors: Mapping[str, TensorRef], *, wh
     The raw params tree of `CausalLM(cfg)`.
   """
   p = check_tensors(cfg, tensors, where)
-  shardings = flatten_dict(param_shardings(_init_fn(cfg), mesh)) if mesh is not None else None
+  shardings = flatten_dict(param_shardings(init_fn(cfg), mesh)) if mesh is not None else None
   dtype = jnp.dtype(cfg.param_dtype)
   out = {}
   for path, (names, kind, shape) in p.items():

@@ -2,7 +2,11 @@
 
 Sources: a GGUF file (llama.cpp), a Hugging Face folder (config.json + safetensors), or a
 registered name (`PRETRAINED`). Params come back as lmjax's raw tree, cast to the requested
-dtype and, given a mesh, already sharded by `lmjax.sharding.param_shardings`.
+dtype and, given a mesh, already sharded by `lmjax.sharding.param_shardings`; or packed for
+batch-1 CPU decoding (`lmjax.packed`) at load.
+
+A GGUF file's converted params can be kept for the next load: the converted-weights cache
+(`lmjax.convert.weights_cache`; `load_pretrained(..., weights_cache=True)`).
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmjax import packed as packed_lib
 from lmjax.config import DTYPES, TransformerConfig
 from lmjax.convert import gguf as gguf_lib
 from lmjax.convert import hf as hf_lib
 from lmjax.convert.hf_tokenizer import HFTokenizer
 from lmjax.convert.layout import build_params, check_llama_family, params_to_hf
+from lmjax.convert.weights_cache import load_or_convert, weights_cache_folder
+from lmjax.counting import model_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +91,8 @@ def _dtype_name(dtype: Any) -> str:
 
 
 def load_pretrained(path_or_name: str | os.PathLike, dtype: Any = "float32",
-                    mesh: jax.sharding.Mesh | None = None, **overrides):
+                    mesh: jax.sharding.Mesh | None = None, *, packed: str | None = None,
+                    weights_cache: bool | str | os.PathLike | None = None, **overrides):
   """Loads a pretrained model: its config, params and tokenizer.
 
   Args:
@@ -96,12 +104,23 @@ def load_pretrained(path_or_name: str | os.PathLike, dtype: Any = "float32",
       dequantized to float32 first, then cast.
     mesh: when given, params come back sharded (each tensor placed with its NamedSharding;
       no device ever holds the whole model); else on the default device.
+    packed: an `lmjax.packed` format ("bfloat16", "float32"): params come back as
+      `lmjax.packed.PackedParams` (what `lmjax.packed.pack` makes), for batch-1 decoding on a
+      CPU; None: the raw tree. Not with a mesh.
+    weights_cache: the converted-weights cache (`lmjax.convert.weights_cache`) for GGUF
+      files. True: on, in `$LMJAX_WEIGHTS_CACHE` or `cache_root() / "weights"` (unless
+      `$LMJAX_WEIGHTS_CACHE` is 0); a path: on, there; False: off; None (default): on only where
+      `$LMJAX_WEIGHTS_CACHE` names a folder. Not used with a mesh or for Hugging Face folders
+      (already float tensors). A cache that cannot be read or written is warned about and
+      passed by, never an error.
     **overrides: config fields in `OVERRIDABLE` (e.g. `scan_layers=True`, `attention="flash"`).
 
   Returns:
     `(config, params, tokenizer)`: a `TransformerConfig`, the raw params tree of
-    `lmjax.CausalLM(config)`, and an `HFTokenizer` (a `SentencePieceTokenizer` for a folder
-    with only `tokenizer.model`; None when the checkpoint has no tokenizer).
+    `lmjax.CausalLM(config)` (or its `PackedParams`), and an `HFTokenizer` (a
+    `SentencePieceTokenizer` for a folder with only `tokenizer.model`; None when the checkpoint
+    has no tokenizer). The sampling settings the checkpoint's files give
+    (generation_config.json) come from `generation_defaults(path_or_name)`.
 
   Raises:
     FileNotFoundError, ValueError: see `resolve`, `lmjax.convert.gguf`, `lmjax.convert.hf`;
@@ -112,7 +131,13 @@ def load_pretrained(path_or_name: str | os.PathLike, dtype: Any = "float32",
     raise ValueError(f"load_pretrained cannot override {bad} (the checkpoint fixes them; give "
                      f"`dtype` for dtypes); overridable: {list(OVERRIDABLE)}")
   name = _dtype_name(dtype)
+  if packed is not None and packed not in packed_lib.FORMATS:
+    raise ValueError(f"packed={packed!r} is not a packed format; formats: "
+                     f"{packed_lib.FORMATS} (or None for the raw params tree)")
+  if packed is not None and mesh is not None:
+    raise ValueError("packed params are for one device; give a mesh or packed, not both")
   path = resolve(path_or_name)
+  cache = None
   if path.is_dir():
     cfg, tensors = hf_lib.read_folder(path)
     tokenizer = _folder_tokenizer(path)
@@ -124,11 +149,78 @@ def load_pretrained(path_or_name: str | os.PathLike, dtype: Any = "float32",
                  else None)
     if tokenizer is not None and tokenizer.model_max_length is None:
       tokenizer.model_max_length = cfg.max_len
+    if mesh is None:
+      cache = weights_cache_folder(weights_cache)
   else:
     _not_a_checkpoint(path)
   cfg = cfg.replace(dtype=name, param_dtype=name, **overrides)
-  params = build_params(cfg, tensors, where=repr(str(path)), mesh=mesh)
-  return cfg, params, tokenizer
+
+  def convert():
+    params = build_params(cfg, tensors, where=repr(str(path)), mesh=mesh)
+    return params if packed is None else packed_lib.pack(model_for(cfg), params, packed)
+  return cfg, load_or_convert(cache, path, cfg, packed, convert), tokenizer
+
+
+# transformers' `GenerationConfig` defaults (`_get_default_generation_params`) for the fields
+# `generation_defaults` reports: greedy unless `do_sample`.
+GENERATION_DEFAULTS: dict[str, Any] = {"do_sample": False, "temperature": 1.0, "top_k": 50,
+                                       "top_p": 1.0}
+# llama.cpp's GGUF keys for them (gguf-py `Keys.General.SAMPLING_*`, written by
+# convert_hf_to_gguf.py from generation_config.json).
+GGUF_SAMPLING_KEYS = {"temperature": "general.sampling.temp", "top_k": "general.sampling.top_k",
+                      "top_p": "general.sampling.top_p"}
+
+
+def generation_defaults(path_or_name: str | os.PathLike) -> dict[str, Any] | None:
+  """The sampling settings a checkpoint's own files give, read as transformers reads them.
+
+  * A Hugging Face folder: `generation_config.json`'s `do_sample`, `temperature`, `top_k` and
+    `top_p`, the missing ones filled with transformers' defaults (`GENERATION_DEFAULTS`: greedy
+    unless `do_sample` is true; then temperature 1, top-k 50, top-p 1).
+  * A GGUF file: llama.cpp's `general.sampling.temp`, `.top_k`, `.top_p` (a GGUF made by
+    llama.cpp's converter from a folder whose generation_config.json has them). llama.cpp always
+    samples, so any of them means `do_sample` (temperature 0: greedy); missing ones as above.
+
+  Reads only the small files (no weights). The values are returned as found; the sampler that
+  uses them checks their ranges.
+
+  Returns:
+    `{"do_sample", "temperature", "top_k", "top_p", "source"}` (`source`: the file and what in
+    it), or None when the files give none of these (no generation_config.json, or one with only
+    token ids, as `save_pretrained` writes; a GGUF without `general.sampling.*` keys, such as
+    SmolLM2's): then transformers, and `python -m infer`, decode greedily.
+
+  Raises:
+    FileNotFoundError: see `resolve`.
+    ValueError: a value of the wrong type (e.g. `"top_p": "high"`), or a file that is not JSON.
+  """
+  path = resolve(path_or_name)
+  if path.is_dir():
+    file = path / "generation_config.json"
+    if not file.is_file():
+      return None
+    try:
+      found = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{str(file)!r} is not valid JSON: {e}") from e
+    given = {k: found[k] for k in GENERATION_DEFAULTS if found.get(k) is not None}
+    source = str(file)
+  elif gguf_lib.is_gguf(path):
+    meta = gguf_lib.GGUFCheckpoint(path).metadata
+    given = {k: meta[key] for k, key in GGUF_SAMPLING_KEYS.items() if meta.get(key) is not None}
+    if given:
+      given["do_sample"] = given.get("temperature", 1.0) != 0
+    source = f"{str(path)!r} (general.sampling.*)"
+  else:
+    _not_a_checkpoint(path)
+  if not given:
+    return None
+  for k, v in given.items():
+    want = bool if k == "do_sample" else int if k == "top_k" else (int, float)
+    if not isinstance(v, want) or (k != "do_sample" and isinstance(v, bool)):
+      raise ValueError(f"{source}: {k}={v!r} is not a "
+                       f"{'boolean' if k == 'do_sample' else 'number'}")
+  return {**GENERATION_DEFAULTS, **given, "source": source}
 
 
 def _not_a_checkpoint(path: Path):

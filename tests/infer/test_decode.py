@@ -1,6 +1,7 @@
 """Decoding: cached loop vs recompute, batch vs alone, stops, streaming, best-of, bad input."""
 
-import flax.linen as nn
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import infer
 import lmjax
 from infer import decode, sampling
-from tests.lmjax.helpers import tiny
+from tests.lmjax.helpers import random_params, tiny
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 M = 10  # max_new_tokens of most runs
@@ -28,24 +29,11 @@ class CharTokenizer:
     return "".join(chr(i) for i in ids if i >= 3)
 
 
-def _random_params(model, inputs, seed):
-  """Unit-scale random params (numpy, no compile), so a tiny model's greedy output varies."""
-  shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), *inputs)["params"]))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    x = rng.standard_normal(leaf.shape).astype(np.float32)
-    if leaf.ndim > 1:
-      return jnp.asarray(x / np.sqrt(leaf.shape[0]))
-    return jnp.asarray(1.0 + 0.1 * x if "scale" in jax.tree_util.keystr(path) else 0.1 * x)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 @pytest.fixture(scope="module")
 def causal():
   cfg = lmjax.TransformerConfig.from_preset("tiny", max_len=64)
   model = lmjax.CausalLM(cfg)
-  return model, _random_params(model, (jnp.ones((1, 4), jnp.int32),), 0)
+  return model, random_params(model, (jnp.ones((1, 4), jnp.int32),), 0)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +41,7 @@ def seq2seq():
   cfg = tiny("seq2seq")
   model = lmjax.Seq2SeqLM(cfg)
   x = jnp.ones((1, 4), jnp.int32)
-  return model, _random_params(model, (x, x), 3)
+  return model, random_params(model, (x, x), 3)
 
 
 TEXTS = ["ab", "hello wor", "the quick brown"]  # 3, 10 and 16 tokens with the BOS
@@ -214,12 +202,7 @@ def test_stream_equals_compiled_loop(causal, batched):
             stop=[stop_seq])
   gen = infer.stream(model, p, TEXTS, **kw)
   steps = []
-  while True:
-    try:
-      steps.append(next(gen))
-    except StopIteration as e:
-      result = e.value
-      break
+  result = infer.drain(gen, steps.append)
   assert len(steps) == M
   for i, (want, reason) in enumerate(expected):
     got = [int(s.tokens[i]) for s in steps if s.active[i]]
@@ -326,15 +309,11 @@ def test_bad_input_raises_before_compute(causal, seq2seq, monkeypatch):
 
 def test_command_line(causal, batched, monkeypatch, capsys):
   """`python -m infer` with a stand-in `lmjax.checkpoint.load_run` / `lmjax.load_pretrained`."""
-  import sys
-  import types
-
   from infer import __main__ as cli
   model, p = causal
   tok = CharTokenizer()
-  fake = types.ModuleType("lmjax.checkpoint")
-  fake.load_run = lambda workdir: (model.config, p, tok) if workdir == "/run" else None
-  monkeypatch.setitem(sys.modules, "lmjax.checkpoint", fake)
+  monkeypatch.setattr(lmjax.checkpoint, "load_run",
+                      lambda workdir: (model.config, p, tok) if workdir == "/run" else None)
   want = batched.tokens[0][:5]  # row 0 of `batched` is greedy from "ab"
   assert tok.eos_id not in want
   args = ["--prompt", "ab", "--sampler", "greedy", "--max-new-tokens", "5"]
@@ -347,47 +326,61 @@ def test_command_line(causal, batched, monkeypatch, capsys):
 
   seen = {}
 
-  def load_pretrained(name, dtype):
-    seen.update(name=name, dtype=dtype)
+  def load_pretrained(name, dtype, **kw):
+    seen.update(name=name, dtype=dtype, **kw)
     return model.config, p, tok
   monkeypatch.setattr(lmjax, "load_pretrained", load_pretrained, raising=False)
   assert cli.main(["--model", "tiny-chat", "--dtype", "bfloat16", "--chat", "hi",
                    "--max-new-tokens", "3", "--sampler", "top-p", "--top-p", "0.5",
-                   "--no-stream"]) == 0
-  assert seen == {"name": "tiny-chat", "dtype": "bfloat16"}
+                   "--no-stream", "--packed", "none"]) == 0
+  assert seen == {"name": "tiny-chat", "dtype": "bfloat16"}  # from Python: no caches
   chat = infer.generate(model, p, "User: hi\nAssistant:", tokenizer=tok, max_new_tokens=3,
-                        sampler=sampling.TopP(0.5), seed=0, add_bos=False)
+                        sampler=sampling.TopP(0.5), seed=0)
   header, body = capsys.readouterr().out.split("\n", 1)
   assert header.startswith("=== prompt 0, sample 0") and body == chat.text[0] + "\n"
   assert cli.main(["--workdir", "/run", "--prompt", "x" * 70, "--no-stream"]) == 2
   assert "longer than the model's context" in capsys.readouterr().err
 
 
-def test_command_line_packs_the_weights_for_one_sequence_on_a_cpu(causal, monkeypatch):
+def test_command_line_packs_the_weights_for_one_sequence_on_a_cpu(causal, monkeypatch, capsys):
   """`--packed auto` (the default): one sequence on a CPU decodes from `lmjax.packed` weights
   in the params' dtype; several sequences, or `--packed none`, from the params as loaded."""
   from infer import __main__ as cli
   model, p = causal
-  bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p)
   assert jax.default_backend() == "cpu"
-  assert cli.packed_format("auto", p, one_row=True) == "float32"
-  assert cli.packed_format("auto", bf16, one_row=True) == "bfloat16"
-  assert cli.packed_format("auto", p, one_row=False) is None
-  assert cli.packed_format("none", p, one_row=True) is None
-  assert cli.packed_format("bfloat16", p, one_row=False) == "bfloat16"
+  assert cli.packed_format("auto", False, one_row=True) == "float32"
+  assert cli.packed_format("auto", True, one_row=True) == "bfloat16"
+  assert cli.packed_format("auto", False, one_row=False) is None
+  assert cli.packed_format("none", False, one_row=True) is None
+  assert cli.packed_format("bfloat16", False, one_row=False) == "bfloat16"
   assert cli._parser().parse_args(["--model", "m", "--chat", "hi", "--packed"]).packed == (
       "bfloat16")
   seen = []
   real = lmjax.packed.pack
   monkeypatch.setattr(lmjax.packed, "pack", lambda m, q, fmt: seen.append(fmt) or real(m, q, fmt))
-  monkeypatch.setattr(lmjax, "load_pretrained", lambda name, dtype: (model.config, p,
-                                                                    CharTokenizer()),
-                      raising=False)
+
+  def load_pretrained(name, dtype, packed=None):  # packs at load (lmjax.load_pretrained)
+    return model.config, (p if packed is None else real(model, p, packed)), CharTokenizer()
+  monkeypatch.setattr(lmjax, "load_pretrained", load_pretrained, raising=False)
   base = ["--model", "tiny", "--max-new-tokens", "2", "--sampler", "greedy", "--no-stream"]
+  got = []
+  real_generate = infer.decode.generate
+  monkeypatch.setattr(infer.decode, "generate", lambda m, q, *a, **k: got.append(
+      q.fmt if isinstance(q, lmjax.packed.PackedParams) else None) or real_generate(m, q, *a, **k))
   assert cli.main([*base, "--prompt", "ab"]) == 0
   assert cli.main([*base, "--prompt", "ab", "--prompt", "cd"]) == 0
   assert cli.main([*base, "--prompt", "ab", "--packed", "none"]) == 0
-  assert seen == ["float32"]
+  assert got == ["float32", None, None]
+  # --workdir: the run's params, packed after loading, in their own dtype.
+  bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p)
+  monkeypatch.setattr(lmjax.checkpoint, "load_run", lambda workdir: (model.config, bf16,
+                                                                     CharTokenizer()))
+  assert cli.main(["--workdir", "/run", *base[2:], "--prompt", "ab", "--timings"]) == 0
+  assert seen == ["bfloat16"] and got[-1] == "bfloat16"
+  timings = json.loads(capsys.readouterr().err.split("timings: ")[1])
+  assert timings["pack_s"] >= 0 and timings["mode"] == "generate"
+  assert set(timings) >= {"import_s", "load_s", "compile_s", "first_token_s", "executables",
+                          "cache_hits", "process_compiled", "total_s"}
 
 
 @pytest.mark.parametrize("fmt", lmjax.packed.FORMATS)

@@ -15,6 +15,7 @@ from infer import flash_attention as fa
 from infer import flash_common as fc
 from infer.flash_attention import BlockSizes, SegmentIds, flash_attention, reference_attention
 from lmjax import attention_ops
+from tests.lmjax.helpers import find_eqns
 
 BACKENDS = ("tpu", "gpu")
 # Relative error bounds (scaled by the reference's largest magnitude).
@@ -293,21 +294,12 @@ def test_gqa_does_not_copy_kv(backend):
 
 
 def _pallas_calls(jaxpr):
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "pallas_call":
-      found.append(eqn)
-      continue
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        sub = getattr(sub, "jaxpr", sub)
-        if isinstance(sub, jax.extend.core.Jaxpr):
-          found += _pallas_calls(sub)
-  return found
+  return find_eqns(jaxpr, ("pallas_call",), descend_into_found=False)
 
 
 def test_cpu_default_is_the_reference():
-  """On the CPU with interpret=None the reference runs (no Pallas call), bit for bit."""
+  """On the CPU with interpret=None the reference runs (no Pallas call), bit for bit; inside
+  `interpret_on_cpu()` (as the trainer traces) the kernel runs in the interpreter."""
   q, k, v = (_rand(i, (1, 8, 2, 64), jnp.float32) for i in range(3))
   assert jax.default_backend() == "cpu"
   assert not _pallas_calls(jax.make_jaxpr(flash_attention)(q, k, v).jaxpr)
@@ -315,12 +307,21 @@ def test_cpu_default_is_the_reference():
       q, k, v).jaxpr)
   np.testing.assert_array_equal(flash_attention(q, k, v, causal=True),
                                 reference_attention(q, k, v, causal=True))
+  # The choice is made while tracing, so each trace below is of a new function (make_jaxpr,
+  # like jit, reuses the trace of a function it has seen with these shapes).
+  with fa.interpret_on_cpu():
+    assert _pallas_calls(jax.make_jaxpr(lambda *a: flash_attention(*a))(q, k, v).jaxpr)
+    # An explicit choice still wins.
+    assert not _pallas_calls(jax.make_jaxpr(
+        lambda *a: flash_attention(*a, backend="reference"))(q, k, v).jaxpr)
+  # Scoped: outside it, the reference again.
+  assert not _pallas_calls(jax.make_jaxpr(lambda *a: flash_attention(*a))(q, k, v).jaxpr)
 
 
 def test_registered_as_model_attention(monkeypatch):
   """`TransformerConfig(attention=...)` reaches the kernel through the registry."""
-  assert attention_ops.get_attention("flash") is flash_attention
-  kernel = functools.partial(flash_attention, interpret=True, backend="gpu",
+  assert attention_ops.get_attention("flash") is fa.mesh_flash_attention
+  kernel = functools.partial(fa.mesh_flash_attention, interpret=True, backend="gpu",
                              block_sizes=BlockSizes.uniform(16))
   monkeypatch.setitem(attention_ops._ATTENTION_FNS, "flash_interpret", kernel)
   cfg = dict(vocab_size=61, model_dim=32, num_heads=4, num_kv_heads=2, ffn_dim=64,
@@ -332,6 +333,46 @@ def test_registered_as_model_attention(monkeypatch):
   want = ref_model.apply({"params": params}, tokens)
   got = jax.jit(flash_model.apply)({"params": params}, tokens)
   _assert_close(got, want, 1e-4, "logits")
+
+
+def _shard_maps(jaxpr):
+  return [e for e in jaxpr.eqns if e.primitive.name == "shard_map"]
+
+
+@pytest.mark.parametrize("n, kh, heads_split", [(4, 2, True), (4, 1, False)])
+def test_mesh_flash_attention_splits_batch_and_heads(n, kh, heads_split):
+  """Under a mesh, the kernel runs per device in a shard_map: the batch over (data, fsdp) and
+  the heads over tensor when N and K both divide it (MQA's one kv head does not: heads whole).
+  Values and gradients equal the reference's, with packed segments."""
+  b, t, h = 4, 24, 64
+  q = _rand(0, (b, t, n, h), jnp.float32)
+  k, v = _rand(1, (b, t, kh, h), jnp.float32), _rand(2, (b, t, kh, h), jnp.float32)
+  seg = _segments(3, b, t, 3)
+  mesh = lmjax.make_mesh(data=2, fsdp=2, tensor=2)
+  kernel = functools.partial(fa.mesh_flash_attention, causal=True, segment_ids=seg,
+                             interpret=True, backend="tpu", block_sizes=BlockSizes.uniform(16))
+  ref = functools.partial(reference_attention, causal=True, segment_ids=seg)
+
+  def loss(fn, q, k, v):
+    return jnp.sum(jnp.sin(fn(q, k, v)))
+
+  with jax.set_mesh(mesh):
+    jaxpr = jax.make_jaxpr(kernel)(q, k, v).jaxpr
+    (maps,) = _shard_maps(jaxpr)
+    want_spec = jax.sharding.PartitionSpec(("data", "fsdp"), None,
+                                           "tensor" if heads_split else None, None)
+    assert maps.params["in_specs"][0] == want_spec
+    assert _pallas_calls(maps.params["jaxpr"])
+    got = jax.jit(kernel)(q, k, v)
+    grads = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=(0, 1, 2)))(q, k, v)
+  _assert_close(got, ref(q, k, v), FWD_TOL[jnp.float32], "out")
+  want = jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2))(q, k, v)
+  for name, g, w in zip("qkv", grads, want):
+    _assert_close(g, w, BWD_TOL[jnp.float32], f"d{name}")
+  # No mesh, or a one-device mesh: the kernel itself, no shard_map.
+  assert not _shard_maps(jax.make_jaxpr(kernel)(q, k, v).jaxpr)
+  with jax.set_mesh(lmjax.make_mesh(data=1, devices=jax.devices()[:1])):
+    assert not _shard_maps(jax.make_jaxpr(kernel)(q, k, v).jaxpr)
 
 
 def _bad(**over):

@@ -1,34 +1,19 @@
-"""Prompt builders: exact formats, chat templates (checked against Hugging Face's renderer)."""
+"""Prompt builders: exact formats; chat templates against renderings by Hugging Face's
+transformers (committed golden, and the installed transformers when there is one)."""
+
+import json
+import re
+from pathlib import Path
 
 import pytest
 
 from infer import prompts
+from lmjax.convert import HFTokenizer
 
-# ChatML, as SmolLM2-Instruct and Qwen2 write it.
-CHATML = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-# Llama-2 style: bos/eos tokens, a system block folded into the first turn, raise_exception.
-LLAMA2 = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
-    "{% set system_message = messages[0]['content'] %}{% else %}"
-    "{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
-    "{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{% endif %}"
-    "{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-    "{% else %}{% set content = message['content'] %}{% endif %}"
-    "{% if message['role'] == 'user' %}"
-    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
-    "{% endif %}{% endfor %}")
+# Renderings by transformers' apply_chat_template (tests/make_chat_golden.py): SmolLM2's real
+# template, a Llama-2-style one, and a probe of the variables every template is given.
+GOLDEN = Path(__file__).parents[1] / "lmjax" / "golden" / "chat_templates.json"
+CHAT = json.loads(GOLDEN.read_text(encoding="utf-8"))
 
 MESSAGES = [{"role": "system", "content": "Be brief."},
             {"role": "user", "content": "Hi!"},
@@ -37,9 +22,26 @@ MESSAGES = [{"role": "system", "content": "Be brief."},
 
 
 class Tok:
-  def __init__(self, template):
+  """What `render_chat` reads of a tokenizer: a chat template and special-token strings."""
+
+  def __init__(self, template, **special_tokens):
     self.chat_template = template
-    self.bos_token, self.eos_token = "<s>", "</s>"
+    for name, token in special_tokens.items():
+      setattr(self, name, token)
+
+
+def hf_tokenizer(template: str, special_tokens: dict[str, str]) -> HFTokenizer:
+  """An `HFTokenizer` whose vocabulary is just these special tokens."""
+  from tokenizers import Tokenizer, models
+  vocab = {t: i for i, t in enumerate(dict.fromkeys(special_tokens.values()))}
+  return HFTokenizer(Tokenizer(models.WordLevel(vocab)), chat_template=template,
+                     **{k: special_tokens.get(k)
+                        for k in ("bos_token", "eos_token", "unk_token", "pad_token")})
+
+
+def _name(r: dict) -> str:
+  gen = "gen" if r["add_generation_prompt"] else "nogen"
+  return f"{r['template']}/{r['conversation']}/{gen}{'/kwargs' if r['kwargs'] else ''}"
 
 
 def test_zero_shot():
@@ -75,33 +77,60 @@ def test_chat_fallback_without_template():
   assert prompts.render_chat(MESSAGES[1:2], add_generation_prompt=False) == "User: Hi!"
 
 
-def test_chat_templates_match_hugging_face():
-  hf = pytest.importorskip("transformers.utils.chat_template_utils")
-  for template in (CHATML, LLAMA2):
-    for gen in (True, False):
-      for msgs in (MESSAGES, MESSAGES[1:]):
-        ours = prompts.render_chat(msgs, Tok(template), add_generation_prompt=gen)
-        rendered, _ = hf.render_jinja_template(
-            conversations=[msgs], chat_template=template, add_generation_prompt=gen,
-            bos_token="<s>", eos_token="</s>")
-        assert ours == rendered[0]
-  assert prompts.render_chat(MESSAGES[1:2], Tok(CHATML)) == (
-      "<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n"
-      "<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n")
+@pytest.mark.parametrize("r", CHAT["renderings"], ids=_name)
+def test_chat_templates_render_as_transformers_did(r):
+  """`render_chat` and `HFTokenizer.apply_chat_template` against the committed golden."""
+  t = CHAT["templates"][r["template"]]
+  gen = r["add_generation_prompt"]
+  renders = [
+      lambda: prompts.render_chat(r["messages"], Tok(t["template"], **t["special_tokens"]),
+                                  add_generation_prompt=gen, **r["kwargs"]),
+      lambda: hf_tokenizer(t["template"], t["special_tokens"]).apply_chat_template(
+          r["messages"], gen, **r["kwargs"])]
+  for render in renders:
+    if "error" in r:
+      with pytest.raises(ValueError, match=re.escape(r["error"])):
+        render()
+    else:
+      assert render() == r["text"]
+
+
+def test_chat_golden_is_what_transformers_renders_now():
+  """The golden against the installed transformers (when it is installed)."""
+  transformers = pytest.importorskip("transformers")
+  import jinja2
+
+  from tests.make_chat_golden import template_tokenizer
+  made = CHAT["versions"]["transformers"]
+  if transformers.__version__.split(".")[0] != made.split(".")[0]:
+    pytest.skip(f"the golden was made with transformers {made}, this is "
+                f"{transformers.__version__}")
+  for r in CHAT["renderings"]:
+    t = CHAT["templates"][r["template"]]
+    tok = template_tokenizer(t["template"], t["special_tokens"])
+    assert tok.special_tokens_map == t["special_tokens"]
+    kw = dict(tokenize=False, add_generation_prompt=r["add_generation_prompt"], **r["kwargs"])
+    if "error" in r:
+      with pytest.raises(jinja2.exceptions.TemplateError, match=re.escape(r["error"])):
+        tok.apply_chat_template(r["messages"], **kw)
+    else:
+      assert tok.apply_chat_template(r["messages"], **kw) == r["text"], _name(r)
+
+
+def test_chat_template_errors_are_value_errors():
+  with pytest.raises(ValueError, match="not valid jinja"):
+    prompts.render_chat(MESSAGES, chat_template="{% for %}")
+  with pytest.raises(ValueError, match="'nope' is undefined"):
+    prompts.render_chat(MESSAGES, chat_template="{{ nope + 'x' }}")
 
 
 def test_bad_input():
-  with pytest.raises(ValueError, match="alternate"):
-    prompts.render_chat([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
-                        Tok(LLAMA2))
   with pytest.raises(ValueError, match="role"):
     prompts.render_chat([{"role": "wizard", "content": "a"}])
   with pytest.raises(ValueError, match="non-empty list"):
     prompts.render_chat([])
   with pytest.raises(ValueError, match="content"):
     prompts.render_chat([{"role": "user"}])
-  with pytest.raises(ValueError, match="not valid jinja"):
-    prompts.render_chat(MESSAGES, chat_template="{% for %}")
   with pytest.raises(ValueError, match="instruction"):
     prompts.zero_shot("  ")
   with pytest.raises(ValueError, match="example 0"):

@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import lmjax
 
@@ -33,3 +34,34 @@ def init(cfg: lmjax.TransformerConfig, *inputs, seed: int = 0):
 
 def tokens(key, b: int, t: int, vocab: int = 97):
   return jax.random.randint(jax.random.key(key), (b, t), 1, vocab, jnp.int32)
+
+
+def random_params(model, inputs, seed):
+  """Unit-scale random params (numpy, no compile), so a tiny model's greedy output varies."""
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), *inputs)["params"]))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    x = rng.standard_normal(leaf.shape).astype(np.float32)
+    if leaf.ndim > 1:
+      return jnp.asarray(x / np.sqrt(leaf.shape[0]))
+    return jnp.asarray(1.0 + 0.1 * x if "scale" in jax.tree_util.keystr(path) else 0.1 * x)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def find_eqns(jaxpr, names, *, descend_into_found: bool = True) -> list:
+  """The equations of a jaxpr whose primitive is in `names`, nested jaxprs (scan, remat,
+  shard_map, custom_vjp, ...) included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    hit = eqn.primitive.name in names
+    if hit:
+      found.append(eqn)
+      if not descend_into_found:
+        continue
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)
+        if isinstance(sub, jax.extend.core.Jaxpr):
+          found += find_eqns(sub, names, descend_into_found=descend_into_found)
+  return found

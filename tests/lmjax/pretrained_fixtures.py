@@ -98,8 +98,10 @@ def write_gguf(path: Path, cfg: lmjax.TransformerConfig, weights: dict[str, np.n
   for k, v in (extra_kv or {}).items():
     if isinstance(v, str):
       w.add_string(k, v)
+    elif isinstance(v, float):
+      w.add_float32(k, v)
     else:
-      w.add_uint32(k, v)
+      w.add_int32(k, v)
   if tokenizer:
     w.add_tokenizer_model(tokenizer["model"])
     w.add_token_list(tokenizer["tokens"])

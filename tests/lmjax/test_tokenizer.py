@@ -102,6 +102,25 @@ def test_normalization_applies_at_encoding(tok, corpus):
   assert low.encode("The KÍNG") == low.encode("the king")
 
 
+@pytest.mark.parametrize("text,seen", [
+    ("ROMEO:\n", "ROMEO:\n"),  # the demo report's prompt
+    ("\n\n", "\n\n"),  # the README's stop string
+    ("\nThe king ", "\nThe king "),
+    ("  The\tking  \n\n\n\n", " The king\n\n"),  # ends folded like the inside, not stripped
+])
+def test_encode_keeps_the_ends_of_the_text(tok, text, seen):
+  """Normalization must not change what a prompt means: `encode` keeps leading and trailing
+  whitespace (folded by the same rules as inside the text); training text is still stripped."""
+  assert tok.normalize(text) == seen
+  ids = tok.encode(text)
+  assert tok.decode(ids) == seen
+  assert tok.encode([text]) == [ids]
+  assert tk.normalize_text(text, tok.normalization) == seen.strip()  # training: stripped
+  if seen.strip():
+    stripped = tok.encode(seen.strip())
+    assert ids != stripped and tok.decode(stripped) == seen.strip()
+
+
 def test_normalization_applies_at_training():
   # Fullwidth, upper-case text: with NFKC + lowercase no learned piece may hold either.
   rng = random.Random(1)

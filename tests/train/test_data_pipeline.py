@@ -1,8 +1,12 @@
 """Tests of the grain pipelines: packing, objectives end to end, resume, host sharding, errors."""
 
 import collections
+import dataclasses
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ from train import objectives_data as od
 from train.data import DataConfig, make_pipeline
 from train.sources import resolve_source
 
+REPO = Path(__file__).resolve().parents[2]
 T, B = 64, 4
 WORDS = "thou art the king and queen of night day sword crown love fair sweet lord".split()
 
@@ -189,6 +194,23 @@ def test_resume_gives_the_same_batches(corpus_dir, tok, objective):
     other.set_state(state)
 
 
+def test_resume_refuses_another_worker_count(corpus_dir, tok):
+  """A data position saved without workers does not restore into a pipeline with workers."""
+  cfg = config(corpus_dir, seed=3)
+  first = make_pipeline(cfg, tok, "train", process_index=0, process_count=1)
+  next(first)
+  state = json.loads(json.dumps(first.get_state()))
+  assert state["num_workers"] == 0
+  other = make_pipeline(dataclasses.replace(cfg, num_workers=2), tok, "train", process_index=0,
+                        process_count=1)
+  try:
+    with pytest.raises(ValueError, match=r"saved with data.num_workers=0, this pipeline has "
+                                         r"num_workers=2: each grain worker packs its own share"):
+      other.set_state(state)
+  finally:
+    other.close()
+
+
 @pytest.mark.parametrize("split", ["validation", "train"])
 def test_hosts_see_disjoint_shards(corpus_dir, tok, split):
   # Batches of one row: the train split drops a last partial batch, which would hide rows.
@@ -209,8 +231,16 @@ def test_worker_processes_deliver_the_same_data(corpus_dir, tok):
   cfg = config(corpus_dir, num_workers=2)
   it = make_pipeline(cfg, tok, "validation", process_index=0, process_count=1)
   batches = list(it)
-  json.dumps(it.get_state())
+  state = json.loads(json.dumps(it.get_state()))
   it.close()
+  # The same rows, but each worker packs its own share of the records: other batches, and a
+  # position that means nothing to another worker count, which refuses it by name.
+  single = make_pipeline(config(corpus_dir), tok, "validation", process_index=0,
+                         process_count=1)
+  assert not all(np.array_equal(b["inputs"], s["inputs"]) for b, s in zip(batches, single))
+  with pytest.raises(ValueError, match=r"saved with data.num_workers=2, this pipeline has "
+                                       r"num_workers=0.*Resume with data.num_workers=2"):
+    single.set_state(state)
   rows2 = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
   seg0 = collections.Counter(segments(rows0, "segment_ids", "inputs", "targets"))
   assert collections.Counter(segments(rows2, "segment_ids", "inputs", "targets")) == seg0
@@ -235,6 +265,19 @@ def test_shakespeare_end_to_end(tmp_path_factory):
   text = tok.decode(rows["inputs"][0][seg == 1])
   lines = text.split("\n")[1:-1]
   assert lines and all(any(line in p for p in passages) for line in lines)
+
+
+def test_import_train_reaches_its_submodules():
+  """`import train; train.data.make_pipeline` (as the README writes it), loaded on first use."""
+  script = ("import sys, train\n"
+            "assert 'train.data' not in sys.modules and 'grain' not in sys.modules\n"
+            "assert train.data.make_pipeline is sys.modules['train.data'].make_pipeline\n"
+            "assert train.sources.resolve_source\n"
+            "try:\n  train.nope\nexcept AttributeError as e:\n  print(e)\n")
+  out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout == "module 'train' has no attribute 'nope'\n"
 
 
 def test_config_and_pipeline_errors(corpus_dir, tok):

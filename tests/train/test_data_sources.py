@@ -3,6 +3,7 @@
 import collections
 import gzip
 import json
+import logging
 import re
 import sys
 
@@ -24,6 +25,36 @@ def _read(data_dir, split):
   ds = tfds.data_source(shk.DATASET_NAME, split=split, data_dir=data_dir, download=False)
   return [{k: (v.decode() if isinstance(v, bytes) else v) for k, v in ds[i].items()}
           for i in range(len(ds))]
+
+
+TFDS_NOISE = ("Downloading and preparing", "downloaded and prepared", "Generating", "Shuffling",
+              "dataset_info.json", "examples/s")
+
+
+def test_first_preparation_says_one_line_of_ours(tmp_path, capfd, caplog):
+  """The first use prepares the corpus with one line of ours; tfds's own output (its download
+  size line, progress bars, an absl warning about dataset_info.json) only when verbose."""
+  capfd.readouterr()
+  with caplog.at_level(logging.WARNING):
+    resolve_source("shakespeare", "train", data_dir=tmp_path / "quiet")
+  out, err = capfd.readouterr()
+  where = tmp_path / "quiet" / shk.DATASET_NAME / "1.0.0"
+  assert out == f"preparing the embedded Shakespeare corpus (once) in {where} ...\n"
+  assert err == ""
+  assert not [r for r in caplog.records if r.name == "absl"]
+  assert len(resolve_source("shakespeare", "validation", data_dir=tmp_path / "quiet")) > 0
+  assert capfd.readouterr() == ("", "")  # Prepared: nothing more is said.
+  # Verbose (python -m train.pretrain -v turns on INFO logging of `train`): tfds's output.
+  train_log = logging.getLogger("train")
+  level = train_log.level
+  train_log.setLevel(logging.INFO)
+  try:
+    shk.prepare(tmp_path / "loud")
+  finally:
+    train_log.setLevel(level)
+  out, err = capfd.readouterr()
+  assert "Downloading and preparing dataset" in out and "preparing the embedded" not in out
+  assert "Shuffling" in err
 
 
 def test_corpus_is_packaged():

@@ -141,3 +141,20 @@ def test_weight_decay_mask_and_schedule():
   assert float(sched(10)) == pytest.approx(1e-3)
   assert float(sched(60)) == pytest.approx(1e-4 + 0.5 * 9e-4, rel=1e-5)  # Half-way: cosine 1/2.
   assert float(sched(110)) == pytest.approx(1e-4) and float(sched(500)) == pytest.approx(1e-4)
+
+
+def test_cpu_peak_replaces_a_figure_measured_on_a_busy_machine(tmp_path, monkeypatch):
+  """A cached CPU peak lower than what a matmul reaches now (taken while the machine was busy)
+  is replaced, so MFU cannot read over 100% from a stale figure."""
+  import json as json_lib
+  import os
+  import platform
+
+  from train import feedback
+
+  path = tmp_path / "peak.json"
+  key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|float32"
+  path.write_text(json_lib.dumps({key: 1.0}))
+  monkeypatch.setenv("LMJAX_PEAK_CACHE", str(path))
+  peak, _ = feedback.peak_flops("float32")
+  assert peak > 1e9 and json_lib.loads(path.read_text())[key] == peak

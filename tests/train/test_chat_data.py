@@ -143,3 +143,35 @@ def test_unknown_source_and_empty_file(tmp_path):
   (tmp_path / "e.jsonl").write_text("\n")
   with pytest.raises(cd.DataError, match="no rows"):
     cd.load_rows(f"jsonl:{tmp_path / 'e.jsonl'}", "train")
+
+
+def test_tfds_source_reads_prepared_splits(tmp_path, smol_tokenizer):
+  """`tfds:NAME`: a prepared tfds dataset (array_record, no TensorFlow) of prompt/completion
+  rows; the held-out split is its validation split."""
+  import numpy as np
+  import tensorflow_datasets as tfds
+
+  class LmjaxTinyChat(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(
+          {"prompt": tfds.features.Text(), "completion": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(range(6)),
+              "validation": self._generate_examples(range(6, 8))}
+
+    def _generate_examples(self, ids):
+      for i in ids:
+        yield str(i), {"prompt": f"Count to {i}:", "completion": f" {i}"}
+
+  LmjaxTinyChat(data_dir=tmp_path).download_and_prepare(file_format="array_record")
+  train = cd.load_rows("tfds:lmjax_tiny_chat", "train", data_dir=str(tmp_path))
+  held = cd.load_rows("tfds:lmjax_tiny_chat", "heldout", data_dir=str(tmp_path))
+  assert sorted(r.data["completion"] for r in train) == [f" {i}" for i in range(6)]
+  assert sorted(r.data["prompt"] for r in held) == ["Count to 6:", "Count to 7:"]
+  examples, stats = cd.encode_rows(held, smol_tokenizer, 64)
+  trained = [smol_tokenizer.decode(e["targets"][e["loss_mask"] > 0]) for e in examples]
+  assert sorted(trained) == [" 6", " 7"] and stats.examples == 2
+  assert np.all([e["targets"][-1] == smol_tokenizer.eos_id for e in examples])

@@ -272,9 +272,7 @@ def parser(job: Job, doc: str) -> argparse.ArgumentParser:
   p.add_argument("--config", default=job.default_preset, choices=sorted(job.presets),
                  help=f"run preset (default: {job.default_preset})")
   p.add_argument("--workdir", default=None,
-                 help=f"run folder (default: ./runs/{job.name}-PRESET, or ./runs/PRESET for "
-                      "pretrain)" if job.name != "pretrain" else
-                      "run folder (default: ./runs/PRESET)")
+                 help=f"run folder (default: {default_workdir(job, 'PRESET')})")
   p.add_argument("--set", dest="sets", action="append", nargs="+", default=[],
                  metavar="KEY=VALUE", help="override a config key, e.g. train.steps=100")
   p.add_argument("-v", "--verbose", action="store_true",

@@ -62,14 +62,7 @@ def base_config(base: str) -> TransformerConfig:
   if _is_run_dir(base):
     run = layout.read_json(layout.run_path(base) / layout.CONFIG_FILE, f"run {base!r}")
     return layout.model_config_of(run, base)
-  from lmjax.convert import gguf, hf, pretrained
-
-  path = pretrained.resolve(base)
-  if path.is_dir():
-    return hf.read_folder(path)[0]
-  if gguf.is_gguf(path):
-    return gguf.GGUFCheckpoint(path).config
-  raise ValueError(f"{base!r} is not a GGUF file, a Hugging Face folder or a run dir")
+  return lmjax.convert.pretrained_config(base)
 
 
 def load_base(base: str, config: TransformerConfig, mesh: jax.sharding.Mesh):
@@ -77,8 +70,7 @@ def load_base(base: str, config: TransformerConfig, mesh: jax.sharding.Mesh):
   if _is_run_dir(base):
     _, params, tokenizer = layout.load_run(base, mesh=mesh)
   else:
-    runs = {k: getattr(config, k) for k in ("scan_layers", "remat_policy", "attention",
-                                            "max_len", "dropout_rate", "attention_dropout_rate")}
+    runs = {k: getattr(config, k) for k in lmjax.convert.pretrained.OVERRIDABLE}
     _, params, tokenizer = lmjax.load_pretrained(base, config.param_dtype, mesh=mesh, **runs)
   if tokenizer is None:
     raise ValueError(f"{base!r} has no tokenizer; SFT renders chats with the model's own "
@@ -87,23 +79,17 @@ def load_base(base: str, config: TransformerConfig, mesh: jax.sharding.Mesh):
 
 
 def base_tokenizer(base: str):
+  """The tokenizer of a base model (None: it has none), without reading its weights."""
   if _is_run_dir(base):
     return layout.load_run_tokenizer(base)
-  from lmjax.convert import gguf, hf_tokenizer, pretrained
-
-  path = pretrained.resolve(base)
-  if path.is_dir():
-    return pretrained._folder_tokenizer(path)
-  meta = gguf.GGUFCheckpoint(path).tokenizer_metadata()
-  if "ggml.tokens" not in meta:
-    return None
-  return hf_tokenizer.HFTokenizer.from_gguf_metadata(meta, str(path))
+  return lmjax.convert.pretrained_tokenizer(base)
 
 
 # --- batches -------------------------------------------------------------------------------------
 
 
-def _encoded(config: SFTConfig, tokenizer, split: str) -> tuple[list, chat_data.EncodeStats]:
+def _encoded(config: SFTConfig, tokenizer, split: str
+             ) -> tuple[list[chat_data.Row], list, chat_data.EncodeStats]:
   dc = config.data
   rows = chat_data.load_rows(dc.source, split, data_dir=dc.tfds_data_dir,
                              heldout_fraction=dc.heldout_fraction, seed=dc.seed)
@@ -114,7 +100,9 @@ def _encoded(config: SFTConfig, tokenizer, split: str) -> tuple[list, chat_data.
             "of each row)" if split == "heldout" else "")
     raise chat_data.DataError(f"{dc.source} has no {split} rows"
                               + (" on this host" if jax.process_count() > 1 else "") + hint)
-  return chat_data.encode_rows(rows, tokenizer, dc.seq_len, chat_template=dc.template())
+  examples, stats = chat_data.encode_rows(rows, tokenizer, dc.seq_len,
+                                          chat_template=dc.template())
+  return rows, examples, stats
 
 
 def make_batches(config: SFTConfig, tokenizer, split: str, examples=None) -> DataIterator:
@@ -122,7 +110,7 @@ def make_batches(config: SFTConfig, tokenizer, split: str, examples=None) -> Dat
   `inputs, targets, loss_mask, segment_ids, positions` `[batch_size, seq_len]`."""
   dc = config.data
   if examples is None:
-    examples, _ = _encoded(config, tokenizer, split)
+    _, examples, _ = _encoded(config, tokenizer, split)
   train = split == "train"
   ds = grain.MapDataset.source(examples)
   if train and dc.shuffle:
@@ -186,15 +174,17 @@ class SFT(job_lib.Job):
 
   def check(self, config, trainer, tokenizer):
     # Every row of both splits is read, checked and encoded now (a bad row fails before step 0).
-    self._data = {}
+    self._data, self._stats = {}, {}
     for split in ("train", "heldout"):
-      examples, stats = _encoded(config, tokenizer, split)
+      rows, examples, stats = _encoded(config, tokenizer, split)
+      if split == "heldout":
+        self._heldout_rows = rows
       if not examples:
         raise chat_data.DataError(f"no {split} example of {config.data.source} has a response "
                                   f"token within data.seq_len={config.data.seq_len}")
       self._data[split] = examples
       log.info("%s: %s", split, stats.describe())
-      self._stats = {**getattr(self, "_stats", {}), split: dataclasses.asdict(stats)}
+      self._stats[split] = dataclasses.asdict(stats)
 
   def initial_state(self, config, trainer):
     params, _ = load_base(config.base, config.model, trainer.mesh)
@@ -227,10 +217,7 @@ class SFT(job_lib.Job):
     from infer import prompts
     from train import report
 
-    n = config.report.replies
-    rows = chat_data.load_rows(config.data.source, "heldout",
-                               heldout_fraction=config.data.heldout_fraction,
-                               seed=config.data.seed, data_dir=config.data.tfds_data_dir)[:n]
+    rows = self._heldout_rows[:config.report.replies]
     if not rows:
       return []
     host = report.gather_params(params)
@@ -257,7 +244,7 @@ class SFT(job_lib.Job):
             for c, a, t in zip(chats, answers, out.text)]
 
   def report(self, config, trainer, params, tokenizer, before):
-    out = {"data": getattr(self, "_stats", {})}
+    out = {"data": self._stats}
     if before:
       out["before"] = before
     out["replies"] = self._replies(config, trainer, params, tokenizer)
@@ -284,7 +271,8 @@ def resolve_model(config: SFTConfig, sets: Sequence[str]) -> SFTConfig:
   other = [s for s in sets if not s.startswith("model.")]
   stub = dataclasses.replace(config, model=None)
   stub = config_lib.apply_overrides(stub, other)
-  model = config.model or base_config(stub.base)
+  model = config.model if config.model is not None and stub.base == config.base else (
+      base_config(stub.base))
   keys = sorted({s.partition("=")[0][len("model."):] for s in model_sets})
   bad = [k for k in keys if k not in MODEL_MAY_CHANGE]
   if bad:

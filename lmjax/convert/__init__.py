@@ -12,6 +12,8 @@ from lmjax.convert.pretrained import (
     PRETRAINED,
     generation_defaults,
     load_pretrained,
+    pretrained_config,
+    pretrained_tokenizer,
     resolve,
     save_pretrained,
 )
@@ -21,6 +23,8 @@ __all__ = [
     "HFTokenizer",
     "generation_defaults",
     "load_pretrained",
+    "pretrained_config",
+    "pretrained_tokenizer",
     "render_chat_template",
     "resolve",
     "save_pretrained",

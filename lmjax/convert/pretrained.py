@@ -144,11 +144,7 @@ def load_pretrained(path_or_name: str | os.PathLike, dtype: Any = "float32",
   elif gguf_lib.is_gguf(path):
     ckpt = gguf_lib.GGUFCheckpoint(path)
     cfg, tensors = ckpt.config, ckpt.tensors
-    meta = ckpt.tokenizer_metadata()
-    tokenizer = (HFTokenizer.from_gguf_metadata(meta, str(path)) if "ggml.tokens" in meta
-                 else None)
-    if tokenizer is not None and tokenizer.model_max_length is None:
-      tokenizer.model_max_length = cfg.max_len
+    tokenizer = _gguf_tokenizer(ckpt)
     if mesh is None:
       cache = weights_cache_folder(weights_cache)
   else:
@@ -235,6 +231,37 @@ def _not_a_checkpoint(path: Path):
   raise ValueError(f"{str(path)!r} is not a GGUF file (starts with {head!r}); supported: "
                    "a .gguf file, a Hugging Face folder (config.json + *.safetensors), or a "
                    f"registered name {sorted(PRETRAINED)}")
+
+
+def pretrained_config(path_or_name: str | os.PathLike) -> TransformerConfig:
+  """The `TransformerConfig` of a pretrained model (as `load_pretrained` reads it, float32),
+  without reading its weights."""
+  path = resolve(path_or_name)
+  if path.is_dir():
+    return hf_lib.read_folder(path)[0]
+  if gguf_lib.is_gguf(path):
+    return gguf_lib.GGUFCheckpoint(path).config
+  _not_a_checkpoint(path)
+
+
+def pretrained_tokenizer(path_or_name: str | os.PathLike):
+  """The tokenizer `load_pretrained` returns, without reading the weights (None: none)."""
+  path = resolve(path_or_name)
+  if path.is_dir():
+    return _folder_tokenizer(path)
+  if gguf_lib.is_gguf(path):
+    return _gguf_tokenizer(gguf_lib.GGUFCheckpoint(path))
+  _not_a_checkpoint(path)
+
+
+def _gguf_tokenizer(ckpt):
+  meta = ckpt.tokenizer_metadata()
+  if "ggml.tokens" not in meta:
+    return None
+  tokenizer = HFTokenizer.from_gguf_metadata(meta, str(ckpt.path))
+  if tokenizer.model_max_length is None:
+    tokenizer.model_max_length = ckpt.config.max_len
+  return tokenizer
 
 
 def _folder_tokenizer(folder: Path):

@@ -104,8 +104,8 @@ class MultiHeadAttention(nn.Module):
       k = self._proj("key", kh, "kv_heads", qkv_bias)(x)
       v = self._proj("value", kh, "kv_heads", qkv_bias)(x)
       if cfg.position == "rotary":
-        q = apply_rotary(q, positions, cfg.rope_theta)
-        k = apply_rotary(k, positions, cfg.rope_theta)
+        q = apply_rotary(q, positions, cfg.rope_theta, cfg.rope_scaling_params)
+        k = apply_rotary(k, positions, cfg.rope_theta, cfg.rope_scaling_params)
       if layer_cache is None:
         out = self._attend(q, k, v, causal=self.causal, segment_ids=segment_ids)
       else:

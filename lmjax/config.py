@@ -12,6 +12,9 @@ NORM_PLACEMENTS = ("pre", "post")
 POSITIONS = ("sinusoidal", "learned", "rotary", "none")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# Rotary frequency scaling: none, or Llama 3.1's (long wavelengths slowed by `rope_scaling_factor`,
+# short ones kept, a smooth blend between; Meta's Llama 3 paper and reference code, 2024).
+ROPE_SCALINGS = ("none", "llama3")
 # Attention names always accepted: the reference, and the Pallas kernel that `infer` registers
 # ("flash"). Others are accepted once registered with `lmjax.attention_ops.register_attention`.
 ATTENTIONS = ("reference", "flash")
@@ -62,6 +65,11 @@ class TransformerConfig:
   embed_norm: bool = False  # a norm right after the embeddings (BERT)
   position: str = "learned"
   rope_theta: float = 10_000.0
+  rope_scaling: str = "none"  # "llama3": the rope_* fields below take effect
+  rope_scaling_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   max_len: int = 128
   use_bias: bool = True  # biases in attention, feed-forward and LayerNorm
   qkv_bias: bool | None = None  # biases on the q, k, v projections only (Qwen2); None: use_bias
@@ -114,6 +122,15 @@ class TransformerConfig:
       raise ValueError(f"TransformerConfig.norm_eps={self.norm_eps} must be > 0")
     if self.rope_theta <= 0:
       raise ValueError(f"TransformerConfig.rope_theta={self.rope_theta} must be > 0")
+    _one_of("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+    if self.rope_scaling != "none" and not (
+        self.rope_scaling_factor >= 1.0
+        and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+      raise ValueError(
+          f"rope_scaling={self.rope_scaling!r} needs rope_scaling_factor >= 1 and 0 < "
+          f"rope_low_freq_factor < rope_high_freq_factor, got {self.rope_scaling_factor}, "
+          f"{self.rope_low_freq_factor}, {self.rope_high_freq_factor}")
+    _positive("rope_original_max_len", self.rope_original_max_len)
     allowed = attention_names()
     if not isinstance(self.attention, str) or self.attention not in allowed:
       raise ValueError(
@@ -132,6 +149,15 @@ class TransformerConfig:
   @property
   def resolved_qkv_bias(self) -> bool:
     return self.use_bias if self.qkv_bias is None else self.qkv_bias
+
+  @property
+  def rope_scaling_params(self) -> tuple[float, float, float, int] | None:
+    """`(factor, low_freq_factor, high_freq_factor, original_max_len)` of Llama 3 rotary
+    scaling, or None for plain rotary positions."""
+    if self.rope_scaling == "none":
+      return None
+    return (self.rope_scaling_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+            self.rope_original_max_len)
 
   @property
   def gated(self) -> bool:
@@ -166,6 +192,16 @@ def _check_keys(d: dict[str, Any]) -> None:
     raise ValueError(f"unknown TransformerConfig field(s) {unknown}; fields are {sorted(names)}")
 
 
+# What the Llama 3 and Qwen2.5 families share (their config.json files).
+_LLAMA3 = dict(
+    vocab_size=128256, activation="swiglu", norm="rmsnorm", norm_placement="pre", norm_eps=1e-5,
+    position="rotary", rope_theta=500_000.0, rope_scaling="llama3", rope_scaling_factor=8.0,
+    rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
+    max_len=131072, use_bias=False)
+_QWEN25 = dict(
+    activation="swiglu", norm="rmsnorm", norm_placement="pre", norm_eps=1e-6, position="rotary",
+    rope_theta=1_000_000.0, max_len=32768, use_bias=False, qkv_bias=True)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough for tests: a decoder-only model; give num_encoder_layers for the others.
     "tiny": dict(
@@ -195,4 +231,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         head_dim=64, ffn_dim=1536, activation="swiglu", norm="rmsnorm", norm_placement="pre",
         norm_eps=1e-5, position="rotary", rope_theta=100_000.0, max_len=8192, use_bias=False,
         tie_embeddings=True),
+    # A ~17M student / speculative drafter with SmolLM2's vocabulary (train.distill's demo).
+    "smollm2-student": dict(
+        vocab_size=49152, model_dim=256, num_decoder_layers=6, num_heads=4, num_kv_heads=2,
+        head_dim=64, ffn_dim=768, activation="swiglu", norm="rmsnorm", norm_placement="pre",
+        norm_eps=1e-5, position="rotary", rope_theta=100_000.0, max_len=2048, use_bias=False,
+        tie_embeddings=True),
+    # Llama 3.2 1B (Meta, 2024): 1,235,814,400 parameters (tied embeddings), 128K context by
+    # Llama 3 rotary scaling (factor 32 over an 8K original context).
+    "llama3.2-1b": dict(
+        _LLAMA3, model_dim=2048, num_decoder_layers=16, num_heads=32, num_kv_heads=8,
+        head_dim=64, ffn_dim=8192, tie_embeddings=True, rope_scaling_factor=32.0),
+    # Llama 3.1 8B (Meta, 2024): 8,030,261,248 parameters.
+    "llama3.1-8b": dict(
+        _LLAMA3, model_dim=4096, num_decoder_layers=32, num_heads=32, num_kv_heads=8,
+        head_dim=128, ffn_dim=14336, tie_embeddings=False),
+    # Llama 3.1 70B (Meta, 2024): 70,553,706,496 parameters.
+    "llama3.1-70b": dict(
+        _LLAMA3, model_dim=8192, num_decoder_layers=80, num_heads=64, num_kv_heads=8,
+        head_dim=128, ffn_dim=28672, tie_embeddings=False),
+    # Qwen2.5 0.5B (Qwen team, 2024): 494,032,768 parameters; q/k/v biases, tied embeddings.
+    "qwen2.5-0.5b": dict(
+        _QWEN25, vocab_size=151936, model_dim=896, num_decoder_layers=24, num_heads=14,
+        num_kv_heads=2, head_dim=64, ffn_dim=4864, tie_embeddings=True),
+    # Qwen2.5 7B (Qwen team, 2024): 7,615,616,512 parameters.
+    "qwen2.5-7b": dict(
+        _QWEN25, vocab_size=152064, model_dim=3584, num_decoder_layers=28, num_heads=28,
+        num_kv_heads=4, head_dim=128, ffn_dim=18944, tie_embeddings=False),
 }

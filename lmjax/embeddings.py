@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lmjax.config import TransformerConfig
 from lmjax.layers import DEFAULT_KERNEL_INIT, dtype_of, einsum_f32, param
@@ -72,15 +73,35 @@ class LearnedPositions(nn.Module):
     return jnp.take(table, positions, axis=0, mode="clip").astype(dtype_of(cfg.dtype))
 
 
-def apply_rotary(x: Array, positions: Array, theta: float) -> Array:
-  """Rotates `[B, T, N, H]` queries or keys by their positions `[B, T]` (RoFormer, half-split).
+def rotary_inv_freq(head_dim: int, theta: float,
+                    scaling: tuple[float, float, float, int] | None = None) -> Array:
+  """The `[H/2]` rotary frequencies (float32, as transformers computes them), with Llama 3
+  scaling when given.
+
+  Llama 3 scaling `(factor, low, high, original_max_len)`: wavelengths longer than
+  `original_max_len / low` are divided by `factor`, those shorter than `original_max_len / high`
+  kept, and those between blended linearly in `original_max_len / wavelength`.
+  """
+  inv = 1.0 / (theta ** (jnp.arange(head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim))
+  if scaling is None:
+    return inv
+  factor, low, high, original = scaling
+  wavelength = 2 * np.pi / inv
+  smooth = jnp.clip((original / wavelength - low) / (high - low), 0.0, 1.0)
+  return (1.0 - smooth) * inv / factor + smooth * inv
+
+
+def apply_rotary(x: Array, positions: Array, theta: float,
+                 scaling: tuple[float, float, float, int] | None = None) -> Array:
+  """Rotates `[B, T, N, H]` queries or keys by their positions `[B, T]` (RoFormer, half-split;
+  `scaling`: Llama 3's, see `rotary_inv_freq`).
 
   The rotation is computed in float32 and cast back, so attention scores depend on the
   difference of positions only.
   """
   h = x.shape[-1]
   half = h // 2
-  inv = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / h))
+  inv = rotary_inv_freq(h, theta, scaling)
   angles = positions.astype(jnp.float32)[:, :, None, None] * inv[None, None, None, :]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
   xf = x.astype(jnp.float32)

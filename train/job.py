@@ -31,7 +31,7 @@ from train import config as config_lib
 from train.checkpointing import Checkpointer, CheckpointMismatchError
 from train.feedback import Feedback, peak_flops
 from train.optimizer import learning_rate_schedule, make_optimizer
-from train.trainer import Trainer, TrainState
+from train.trainer import Frozen, Trainer, TrainState
 
 log = logging.getLogger("train.job")
 
@@ -67,6 +67,18 @@ class Job:
 
   def loss(self, config: Any):
     raise NotImplementedError
+
+  def partition(self, config: Any) -> tuple[Callable[[jax.Array], Any] | None, Frozen | None]:
+    """`(init_params, frozen)` for a run that trains part of what its loss reads (an adapter
+    on a frozen base, a policy beside a frozen reference, a student beside a teacher); `(None,
+    None)` trains the model's own params (`Trainer`'s arguments of the same names)."""
+    return None, None
+
+  def frozen_params(self, config: Any, trainer: Trainer) -> Any:
+    """The values of `partition`'s frozen params, on a fresh run and on resume alike (they
+    are never checkpointed)."""
+    raise NotImplementedError(f"{type(self).__name__}.partition names frozen params: "
+                              "override frozen_params")
 
   def tokenizer(self, config: Any, workdir, restored: bool):
     """The tokenizer: the work dir's own when resuming, else the job's."""
@@ -128,12 +140,14 @@ def build_mesh(mesh: config_lib.MeshConfig) -> jax.sharding.Mesh:
 def build_trainer(job: Job, config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
   """The trainer of a run config: the job's model and loss, AdamW, over the mesh."""
   steps = config.train.steps
+  init_params, frozen = job.partition(config)
   return Trainer(job.model(config), job.loss(config), make_optimizer(config.optimizer, steps),
                  build_mesh(config.mesh) if mesh is None else mesh,
                  init_inputs=lmjax.counting.example_inputs(config.model),
                  global_batch=config.data.batch_size * jax.process_count(),
                  grad_accum=config.train.grad_accum, seed=config.train.seed,
-                 learning_rate=learning_rate_schedule(config.optimizer, steps))
+                 learning_rate=learning_rate_schedule(config.optimizer, steps),
+                 init_params=init_params, frozen=frozen)
 
 
 def state_from_params(trainer: Trainer, params, *, donate: bool = False) -> TrainState:
@@ -191,6 +205,8 @@ def run(job: Job, config, workdir: str | os.PathLike, *, hooks: Sequence[Callabl
       raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
                        f"{cfg.vocab_size}: set model.vocab_size >= {tokenizer.vocab_size}")
     job.check(config, trainer, tokenizer)
+    if trainer.frozen is not None:
+      trainer.set_frozen(job.frozen_params(config, trainer))
     if restored is None:
       state, start, data_state = job.initial_state(config, trainer), 0, None
     else:
@@ -216,9 +232,14 @@ def run(job: Job, config, workdir: str | os.PathLike, *, hooks: Sequence[Callabl
         peak=peak_flops(cfg.dtype)[0] * jax.process_count(),
         progress_bar=config.train.progress_bar, learning_rate=trainer.learning_rate)
     n_params = lmjax.count_params(trainer.abstract_state.params)
+    if trainer.frozen is not None:
+      frozen = lmjax.count_params(trainer.frozen.abstract)
+      n_params = f"{n_params:,} trainable ({frozen:,} frozen)"
+    else:
+      n_params = f"{n_params:,}"
     feedback.print(f"run config (saved to {workdir / layout.CONFIG_FILE}):\n" + "\n".join(
         f"  {k}: {json.dumps(v)}" for k, v in run_dict.items()))
-    feedback.print(f"{type(trainer.model).__name__} with {n_params:,} params; mesh "
+    feedback.print(f"{type(trainer.model).__name__} with {n_params} params; mesh "
                    f"{dict(trainer.mesh.shape)} on {jax.device_count()} "
                    f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es); "
                    + (f"resuming from step {start}" if start else "starting at step 0"))

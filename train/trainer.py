@@ -8,6 +8,12 @@ Pretraining, SFT, RLHF and distillation differ only in their batches and their l
 (`data`, `fsdp`) and placed with `jax.make_array_from_process_local_data`, so on many hosts each
 host feeds only its own rows.
 
+Params the loss reads but the optimizer never updates (a pretrained base under PEFT, the
+reference model of DPO and RL, a distillation teacher) are `Frozen`: passed to every step as an
+argument (never closed over, never donated, never checkpointed), sharded by their own logical
+names; the train state then holds only the trainable params and their optimizer state, and
+gradients are taken of those alone.
+
 Gradient accumulation splits each batch into `grad_accum` micro-batches, scanned in the step;
 losses, token counts and gradients are summed over them and divided once by the real tokens,
 so k micro-batches give the gradient of one k-times-larger batch.
@@ -21,6 +27,7 @@ GPU, run per device in a `shard_map` over the mesh; on a CPU run in the Pallas i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -49,6 +56,26 @@ class TrainState:
 
   params: Any
   opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+  """Params a loss reads and the optimizer never updates.
+
+  Attributes:
+    abstract: their boxed abstract tree (`jax.eval_shape` of an init, `nn.Partitioned`
+      leaves), whose logical axis names give their shardings.
+    combine: `(trainable, frozen) -> params`, what the loss function receives as `params`
+      (e.g. `{"policy": trainable, "reference": frozen}`, or a base with an adapter).
+  """
+
+  abstract: Any
+  combine: Callable[[Any, Any], Any]
+
+
+def _trainable_only(trainable, frozen):
+  del frozen
+  return trainable
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -96,19 +123,32 @@ class Trainer:
     grad_accum: micro-batches per step.
     seed: params init and dropout (step s uses fold_in(key(seed + 1), s)).
     learning_rate: the schedule (step -> rate), for logging.
+    init_params: `key -> boxed trainable params` (default: `model.init(key, *init_inputs)`),
+      e.g. an adapter's params alone.
+    frozen: params the loss reads but never trains (`Frozen`); give their values with
+      `set_frozen` before the first step.
   """
 
   def __init__(self, model: nn.Module, loss_fn: LossFn, tx: optax.GradientTransformation,
                mesh: jax.sharding.Mesh, *, init_inputs: Sequence[Any], global_batch: int,
                grad_accum: int = 1, seed: int = 0,
-               learning_rate: Callable[[int], float] | None = None):
+               learning_rate: Callable[[int], float] | None = None,
+               init_params: Callable[[jax.Array], Any] | None = None,
+               frozen: Frozen | None = None):
     check_batch_divisible(global_batch, grad_accum, mesh)
     self.model, self.loss_fn, self.tx, self.mesh = model, loss_fn, tx, mesh
     self.grad_accum, self.seed, self.learning_rate = grad_accum, seed, learning_rate
     self.global_batch = global_batch
     self.batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     self._attention_scope = attention_scope(model)
-    self._init_params = lambda: model.init(jax.random.key(seed), *init_inputs)["params"]
+    if init_params is None:
+      self._init_params = lambda: model.init(jax.random.key(seed), *init_inputs)["params"]
+    else:
+      self._init_params = lambda: init_params(jax.random.key(seed))
+    self.frozen = frozen
+    self._combine = _trainable_only if frozen is None else frozen.combine
+    self.frozen_shardings = None if frozen is None else logical_shardings(frozen.abstract, mesh)
+    self.frozen_params = None if frozen is None else ()
     with self._attention_scope():
       boxed = jax.eval_shape(
           lambda: TrainState(self._init_params(), tx.init(self._init_params())))
@@ -117,12 +157,15 @@ class Trainer:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
         self.state_shardings)
     replicated = NamedSharding(mesh, PartitionSpec())
-    self._step = jax.jit(self._train_step, donate_argnums=0,
-                         in_shardings=(self.state_shardings, replicated, self.batch_sharding),
-                         out_shardings=(self.state_shardings, replicated))
-    self._eval = jax.jit(self._eval_step,
-                         in_shardings=(self.state_shardings.params, self.batch_sharding),
-                         out_shardings=replicated)
+    frozen_in = replicated if frozen is None else self.frozen_shardings
+    self._step = jax.jit(
+        self._train_step, donate_argnums=0,
+        in_shardings=(self.state_shardings, replicated, self.batch_sharding, frozen_in),
+        out_shardings=(self.state_shardings, replicated))
+    self._eval = jax.jit(
+        self._eval_step,
+        in_shardings=(self.state_shardings.params, self.batch_sharding, frozen_in),
+        out_shardings=replicated)
 
   # --- state and batches ---------------------------------------------------------------------
 
@@ -141,6 +184,32 @@ class Trainer:
     with self._tracing():
       return jax.jit(init, out_shardings=self.state_shardings)()
 
+  def set_frozen(self, params) -> None:
+    """The frozen params' values, each shard placed on its own device (arrays already sharded
+    this way stay where they are); checked against `Frozen.abstract` first."""
+    if self.frozen is None:
+      raise ValueError("this trainer has no frozen params (Trainer(frozen=...))")
+    want = nn.meta.unbox(self.frozen.abstract)
+    try:
+      jax.tree.map(lambda a, b: None, want, params)
+    except ValueError as e:
+      raise ValueError(f"the frozen params do not have the structure the trainer was built "
+                       f"with: {e}") from e
+    bad = [f"{jax.tree_util.keystr(p)}: {tuple(x.shape)} (want {tuple(w.shape)})"
+           for (p, x), w in zip(jax.tree_util.tree_leaves_with_path(params),
+                                jax.tree.leaves(want), strict=True) if x.shape != w.shape]
+    if bad:
+      raise ValueError("frozen params of the wrong shape: " + "; ".join(bad[:5]))
+    with jax.set_mesh(self.mesh):
+      self.frozen_params = jax.jit(
+          lambda p: jax.tree.map(lambda x, w: x.astype(w.dtype), p, want),
+          out_shardings=self.frozen_shardings)(params)
+
+  def _frozen_args(self):
+    if self.frozen is not None and self.frozen_params == ():
+      raise ValueError("the trainer's frozen params were never given: call set_frozen first")
+    return self.frozen_params
+
   def place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This host's rows -> global arrays split over (data, fsdp)."""
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
@@ -158,11 +227,11 @@ class Trainer:
 
     return jax.tree.map(split, batch)
 
-  def _train_step(self, state: TrainState, step: jax.Array, batch):
+  def _train_step(self, state: TrainState, step: jax.Array, batch, frozen):
     rng = jax.random.fold_in(jax.random.key(self.seed + 1), step)
 
     def loss(params, mb, r):
-      loss_sum, n, sums = self.loss_fn(self.model, params, mb, r, True)
+      loss_sum, n, sums = self.loss_fn(self.model, self._combine(params, frozen), mb, r, True)
       return loss_sum, (n, sums)
 
     grad_fn = jax.value_and_grad(loss, has_aux=True)
@@ -188,20 +257,22 @@ class Trainer:
     metrics = {"loss_sum": loss_sum, "tokens": n, "grad_norm": optax.tree.norm(grads), **sums}
     return TrainState(params, opt_state), metrics
 
-  def _eval_step(self, params, batch):
-    loss_sum, n, sums = self.loss_fn(self.model, params, batch, jax.random.key(0), False)
+  def _eval_step(self, params, batch, frozen):
+    loss_sum, n, sums = self.loss_fn(self.model, self._combine(params, frozen), batch,
+                                     jax.random.key(0), False)
     return {"loss_sum": loss_sum, "tokens": n, **sums}
 
   def train_step(self, state: TrainState, step: int, batch: dict[str, np.ndarray]):
     """One optimizer step on this host's rows (`step`: the 0-based index, for dropout)."""
     with self._tracing():
-      return self._step(state, np.int32(step), self.place(batch))
+      return self._step(state, np.int32(step), self.place(batch), self._frozen_args())
 
   # --- evaluation ----------------------------------------------------------------------------
 
   def evaluate(self, params, batches: Iterator[dict[str, np.ndarray]],
                max_batches: int = 0) -> dict[str, float]:
-    """Loss, perplexity and token accuracy over `batches` (all of them, or `max_batches`).
+    """Loss, perplexity and token accuracy over `batches` (all of them, or `max_batches`),
+    and every other metric sum of the loss divided by its token (or pair) count.
 
     On many hosts, a host whose split runs out first feeds empty (all-masked) batches until
     every host is done, so the collectives stay in step.
@@ -216,7 +287,7 @@ class Trainer:
           break
         if batch is None:
           batch = _empty_like(template, self.global_batch // jax.process_count())
-        out = self._eval(params, self.place(batch))
+        out = self._eval(params, self.place(batch), self._frozen_args())
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
         count += 1
     if totals is None:
@@ -224,9 +295,10 @@ class Trainer:
     totals = {k: float(v) for k, v in jax.device_get(totals).items()}
     n = max(totals["tokens"], 1.0)
     loss = totals["loss_sum"] / n
+    extra = {k: v / n for k, v in totals.items() if k not in ("loss_sum", "tokens", "correct")}
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
             "accuracy": totals.get("correct", 0.0) / n, "tokens": totals["tokens"],
-            "batches": float(count)}
+            "batches": float(count), **extra}
 
   # --- the loop ------------------------------------------------------------------------------
 

@@ -29,15 +29,37 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def _rope(d: dict, where: str) -> float:
-  """The rotary base; raises unless the rotary type is plain ("default")."""
+def _rope(d: dict, where: str) -> dict[str, Any]:
+  """The rotary fields of a `TransformerConfig`: the base, and Llama 3 scaling when the
+  config has it; raises for other scaling types."""
   params = d.get("rope_parameters") or {}
   scaling = d.get("rope_scaling") or {}
   kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-  if kind != "default":
-    raise ValueError(f"{where} uses rotary scaling {kind!r}; only plain rotary positions "
-                     "('default') are supported")
-  return float(params.get("rope_theta", d.get("rope_theta", 10_000.0)))
+  theta = float(params.get("rope_theta", d.get("rope_theta", 10_000.0)))
+  if kind == "default":
+    return {"rope_theta": theta}
+  if kind != "llama3":
+    raise ValueError(f"{where} uses rotary scaling {kind!r}; supported: plain ('default') and "
+                     "'llama3'")
+  s = {**scaling, **params}
+  return {"rope_theta": theta, "rope_scaling": "llama3",
+          "rope_scaling_factor": float(s["factor"]),
+          "rope_low_freq_factor": float(s["low_freq_factor"]),
+          "rope_high_freq_factor": float(s["high_freq_factor"]),
+          "rope_original_max_len": int(s["original_max_position_embeddings"])}
+
+
+def _rope_to_hf(cfg: TransformerConfig) -> dict[str, Any]:
+  """The rotary fields of a `config.json` (transformers 4's `rope_scaling` and 5's
+  `rope_parameters`)."""
+  if cfg.rope_scaling == "none":
+    return {"rope_theta": cfg.rope_theta, "rope_scaling": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+  factor, low, high, original = cfg.rope_scaling_params
+  scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+             "high_freq_factor": high, "original_max_position_embeddings": original}
+  return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling,
+          "rope_parameters": {**scaling, "rope_theta": cfg.rope_theta}}
 
 
 def config_from_hf(d: Mapping[str, Any], where: str = "config.json") -> TransformerConfig:
@@ -75,7 +97,7 @@ def config_from_hf(d: Mapping[str, Any], where: str = "config.json") -> Transfor
       head_dim=int(d.get("head_dim") or width // n), ffn_dim=int(d["intermediate_size"]),
       activation="swiglu", norm="rmsnorm", norm_placement="pre",
       norm_eps=float(d.get("rms_norm_eps", 1e-6)), position="rotary",
-      rope_theta=_rope(dict(d), where), max_len=max_len, use_bias=False,
+      **_rope(dict(d), where), max_len=max_len, use_bias=False,
       qkv_bias=arch == "Qwen2ForCausalLM", tie_embeddings=bool(d.get("tie_word_embeddings",
                                                                      False)))
 
@@ -95,8 +117,7 @@ def config_to_hf(cfg: TransformerConfig, *, bos_id: int | None = None,
       "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.resolved_num_kv_heads,
       "head_dim": cfg.resolved_head_dim, "hidden_act": "silu",
       "max_position_embeddings": cfg.max_len, "rms_norm_eps": cfg.norm_eps,
-      "rope_theta": cfg.rope_theta, "rope_scaling": None,
-      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+      **_rope_to_hf(cfg),
       "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0,
       "initializer_range": 0.02, "use_cache": True, "torch_dtype": dtype, "dtype": dtype,
       "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,

@@ -112,7 +112,12 @@ def test_load_with_a_mesh_places_each_shard(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs torch and transformers")
-@pytest.mark.parametrize("overrides", [dict(), dict(tie_embeddings=False, qkv_bias=True)])
+@pytest.mark.parametrize("overrides", [
+    dict(), dict(tie_embeddings=False, qkv_bias=True),
+    # Llama 3 rotary scaling, with an original context short enough that the 19 positions
+    # below cross all three bands (kept, blended, slowed).
+    dict(rope_scaling="llama3", rope_scaling_factor=32.0, rope_original_max_len=16,
+         rope_theta=500_000.0)])
 def test_transformers_loads_the_saved_folder(tmp_path, overrides):
   import torch
   from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,6 +128,7 @@ def test_transformers_loads_the_saved_folder(tmp_path, overrides):
   ref = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32,
                                              attn_implementation="eager")
   assert type(ref).__name__ == ("Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM")
+  assert lmjax.load_pretrained(tmp_path / "m")[0] == cfg
   ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 19))
   with torch.no_grad():
     want = ref(torch.tensor(ids)).logits.numpy()

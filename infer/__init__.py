@@ -15,10 +15,12 @@ from __future__ import annotations
 import importlib
 
 _SUBMODULES = ("decode", "requests", "streaming", "stops", "sampling", "prompts",
-               "flash_attention")
+               "speculative", "prefix_cache", "flash_attention")
 _EXPORTS = {  # name: the submodule that defines it
     **dict.fromkeys(("generate", "GenerateResult", "Candidate", "mean_log_prob"), "decode"),
     **dict.fromkeys(("stream", "StreamStep", "drain"), "streaming"),
+    "PrefixCache": "prefix_cache", "SpeculativeResult": "speculative",
+    **dict.fromkeys(("RewardScorer", "reward_scorer"), "reward_scorer"),
 }
 
 __all__ = [*_SUBMODULES, *_EXPORTS]

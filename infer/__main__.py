@@ -115,7 +115,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--num-samples", type=_int_at_least(1), default=1,
                  help="sequences per prompt (default: 1)")
   p.add_argument("--best-of", type=_int_at_least(1),
-                 help="generate N (>= --num-samples), print the best (mean log-prob)")
+                 help="generate N (>= --num-samples), print the best (mean log-prob, or "
+                      "--reward-model's reward)")
+  p.add_argument("--reward-model", metavar="RUN",
+                 help="with --best-of: rank the candidates by this reward model (a run dir of "
+                      "python -m train.reward or a *ForSequenceClassification folder)")
   p.add_argument("--max-new-tokens", type=_int_at_least(1), default=64,
                  help="tokens to generate at most (default: 64)")
   p.add_argument("--seed", type=_seed, default=0, help="in [0, 2**31) (default: 0)")
@@ -128,6 +132,17 @@ def _parser() -> argparse.ArgumentParser:
                  help="decode from packed weights (lmjax.packed: output-major, the fastest "
                       "batch-1 decoding on a CPU, float32 activations). auto (default): on a "
                       "CPU for one sequence, in the params' dtype; --packed alone: bfloat16")
+  p.add_argument("--quant", choices=("int8", "int4", "nf4", "keep"),
+                 help="decode from quantized weights (lmjax.quant; replaces --packed): int8 "
+                      "per channel (packed output-major for one sequence on a CPU unless "
+                      "--packed none), int4/nf4 in groups of 64; keep: a GGUF --model's own "
+                      "Q8_0/Q4_0/Q4_1 blocks")
+  p.add_argument("--draft", help="speculative decoding (infer.speculative): 'ngram' (prompt "
+                 "lookup) or a drafter model's name or path with the same tokenizer")
+  p.add_argument("--num-draft-tokens", type=_int_at_least(1), default=4,
+                 help="with --draft: tokens drafted per round (default: 4)")
+  p.add_argument("--prefix-cache-mb", type=_int_at_least(1),
+                 help="share the KV of the prompts' common prefixes (infer.PrefixCache)")
   p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                  help="print tokens as they come (default: on a terminal, for one sequence)")
   p.add_argument("--timings", action="store_true",
@@ -141,9 +156,13 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
   `parser.error` on the first problem."""
   if args.system is not None and args.chat is None:
     parser.error("--system needs --chat (it is the system message of a chat)")
+  if args.reward_model is not None and args.best_of is None:
+    parser.error("--reward-model ranks the candidates of --best-of N: give --best-of")
   if args.best_of is not None and args.best_of < args.num_samples:
     parser.error(f"--best-of {args.best_of} must be >= --num-samples {args.num_samples}")
   n_out = (1 if args.chat is not None else len(args.prompt)) * args.num_samples
+  if args.stream and (args.draft is not None or args.prefix_cache_mb is not None):
+    parser.error("--draft and --prefix-cache-mb do not stream yet (use --no-stream)")
   if args.stream and (n_out > 1 or args.best_of is not None):
     parser.error("--stream prints one sequence: one prompt, one sample, no --best-of "
                  "(use --no-stream)")
@@ -200,6 +219,8 @@ def load(args, one_row: bool = False, weights_cache: bool = False, clock=None):
   when `weights_cache`). `clock`: a `Timings` told when loading and packing end."""
   source = args.workdir if args.workdir is not None else args.model
   try:
+    if getattr(args, "quant", None):
+      return _load_quantized(args, clock, one_row)
     if args.workdir is not None:
       config, params, tokenizer = lmjax.checkpoint.load_run(args.workdir)
     else:
@@ -226,6 +247,29 @@ def load(args, one_row: bool = False, weights_cache: bool = False, clock=None):
   if clock:
     clock.phase("pack")
   return config, params, tokenizer
+
+
+def _load_quantized(args, clock, one_row: bool = False):
+  """`load` with `--quant`: the float params loaded, then `lmjax.quant.quantize`d (or a GGUF's
+  blocks kept); int8 for one sequence on a CPU (`--packed auto`) packed as int8 rows."""
+  if args.workdir is not None:
+    if args.quant == "keep":
+      raise ValueError("--quant keep needs a GGUF --model")
+    config, params, tokenizer = lmjax.checkpoint.load_run(args.workdir)
+  elif args.quant == "keep":
+    return lmjax.load_pretrained(args.model, dtype=args.dtype or "float32", quant="keep")
+  else:
+    config, params, tokenizer = lmjax.load_pretrained(args.model, dtype=args.dtype or "float32")
+  if args.dtype is not None:
+    config = config.replace(dtype=args.dtype, param_dtype=args.dtype)
+    params = jax.tree.map(lambda x: jnp.asarray(x, args.dtype), params)
+  if clock:
+    clock.phase("load")
+  model = lmjax.model_for(config)
+  if args.quant == "int8" and packed_format(args.packed, False, one_row) is not None:
+    # batch 1 on a CPU: int8 codes output-major (lmjax.quant.packed_int), the fast layout
+    return config, lmjax.packed.pack(model, params, "int8"), tokenizer
+  return config, lmjax.quant.quantize(model, params, args.quant), tokenizer
 
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
@@ -324,7 +368,8 @@ def main(argv: Sequence[str] | None = None, *, caches: bool = False) -> int:
 
   n_out = (1 if args.chat is not None else len(args.prompt)) * args.num_samples
   one_row = n_out == 1 and args.best_of is None
-  config, params, tokenizer = load(args, one_row, caches, clock)
+  plain = args.draft is None and args.prefix_cache_mb is None
+  config, params, tokenizer = load(args, one_row and plain, caches, clock)
   if tokenizer is None:
     _fail("the loaded model has no tokenizer; python -m infer needs one")
   from infer import decode, prompts, streaming
@@ -340,10 +385,22 @@ def main(argv: Sequence[str] | None = None, *, caches: bool = False) -> int:
     texts = args.prompt
   stream = args.stream
   if stream is None:
-    stream = sys.stdout.isatty() and one_row
+    stream = sys.stdout.isatty() and one_row and plain
   kw = dict(tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, sampler=sampler,
             seed=args.seed, stop=args.stop, num_samples=args.num_samples,
             add_bos=None)  # the tokenizer's convention, as in training (train.chat_data)
+  if args.draft is not None:
+    draft = args.draft
+    if draft != "ngram":
+      try:
+        dcfg, dparams, dtok = lmjax.load_pretrained(draft, dtype=args.dtype or "float32")
+      except (OSError, ValueError) as e:
+        _fail(f"cannot load the draft model {draft!r}: {e}")
+      draft = (lmjax.model_for(dcfg), dparams, dtok)
+    kw.update(draft=draft, num_draft_tokens=args.num_draft_tokens)
+  if args.prefix_cache_mb is not None:
+    from infer import prefix_cache
+    kw["prefix_cache"] = prefix_cache.PrefixCache(max_bytes=args.prefix_cache_mb * 2**20)
   try:
     if stream:
       gen = streaming.stream(model, params, texts, **kw)
@@ -359,19 +416,32 @@ def main(argv: Sequence[str] | None = None, *, caches: bool = False) -> int:
       if clock:
         print(clock.report("stream", len(result.tokens[0])), file=sys.stderr)
       return 0
-    result = decode.generate(model, params, texts, best_of=args.best_of, **kw)
+    scorer = None
+    if args.reward_model is not None:
+      from infer import reward_scorer
+      try:
+        scorer = reward_scorer.reward_scorer(args.reward_model)
+      except (OSError, ValueError) as e:
+        _fail(f"cannot load the reward model {args.reward_model!r}: {e}")
+    result = decode.generate(model, params, texts, best_of=args.best_of, scorer=scorer, **kw)
   except ValueError as e:  # what depends on the model: a prompt longer than its context, ...
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
   if clock:
     print(clock.report("generate", sum(map(len, result.tokens))), file=sys.stderr)
+  if args.draft is not None:
+    print(f"speculative: acceptance rate {result.acceptance_rate:.3f}, mean accepted length "
+          f"{result.mean_accepted_length:.2f} of {args.num_draft_tokens}", file=sys.stderr)
+  if args.prefix_cache_mb is not None:
+    print(f"prefix cache: {kw['prefix_cache'].stats()}", file=sys.stderr)
   n = result.num_samples
   for k in range(len(result)):
     i, j = divmod(k, n)
     lp = result.log_probs[k]
     score = sum(lp) / len(lp) if lp else float("nan")
+    reward = f", reward {result.scores[k]:.3f}" if scorer is not None else ""
     print(f"=== prompt {i}, sample {j} ({result.stop_reason[k]}, {len(result.tokens[k])} tokens, "
-          f"mean log-prob {score:.3f}) ===")
+          f"mean log-prob {score:.3f}{reward}) ===")
     print(("" if args.chat is not None else texts[i]) + result.text[k])
   return 0
 

@@ -139,6 +139,42 @@ def _repeat_cache(cache: lmjax.KVCache, n: int) -> lmjax.KVCache:
   return cache if n == 1 else cache.repeat_rows(n)
 
 
+def end_checks(plan: Plan, consts: dict, tok: Array, active: Array, recent: Array,
+               tail: Array | None) -> tuple[Array, Array, Array, Array | None]:
+  """Whether the new token `tok` `[R]` ends each `active` row (also `infer.speculative`).
+
+  Returns:
+    `(is_eos, is_stop, recent, tail)`: `[R]` bool each (only active rows; an EOS is not also a
+    stop), the last token-id window `recent` `[R, l]` and the stop-string byte tail `[R, W]`
+    (None without stop strings), both advanced on the active rows only.
+  """
+  shifted = jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
+  recent = jnp.where(active[:, None], shifted, recent)
+  is_eos = jnp.zeros_like(active)
+  if plan.num_eos:
+    is_eos = jnp.any(tok[:, None] == consts["eos"][None, :], axis=1) & active
+  is_stop = jnp.zeros_like(active)
+  if plan.stop_shape[0]:
+    ok = (recent[:, None, :] == consts["stops"][None]) | ~consts["stop_valid"][None]
+    is_stop = jnp.any(jnp.all(ok, axis=2), axis=1)
+  if plan.text_stops[0]:
+    hit, new_tail = stops.match(tail, tok, consts)
+    is_stop = is_stop | hit
+    tail = jnp.where(active[:, None], new_tail, tail)
+  return is_eos, is_stop & active & ~is_eos, recent, tail
+
+
+def in_loop(params, rows: int, counter: Array):
+  """`params` as a one-token decode step inside a compiled loop should read them: packed rows
+  (`rows` <= `lmjax.packed.MAX_STREAMED_ROWS`) and quantized weights made loop-dependent, so
+  XLA widens / dequantizes them inside the loop instead of hoisting float copies out of it."""
+  if isinstance(params, packed_lib.PackedParams) and rows <= packed_lib.MAX_STREAMED_ROWS:
+    return params.replace(tree=packed_lib.loop_variant(params.tree, counter))
+  if isinstance(params, lmjax.quant.QuantParams):
+    return lmjax.quant.loop_variant(params, counter)
+  return params
+
+
 class Decoder:
   """The jitted pieces of one plan: `start` (prefill and the first token), `step` (one more
   token per row), `run` (start, then a `while_loop` of steps). Built by `decoder_for`."""
@@ -153,10 +189,17 @@ class Decoder:
     """`model.apply` with raw params, or with `lmjax.packed.PackedParams` through its reader."""
     if isinstance(params, packed_lib.PackedParams):
       return packed_lib.apply(self.model, params, *args, **kwargs)
+    if isinstance(params, lmjax.quant.QuantParams):
+      return lmjax.quant.apply(self.model, params, *args, **kwargs)
+    if isinstance(params, lmjax.peft.Adapted):  # adapters (a bank: one per row)
+      return lmjax.peft.apply(self.model, params, *args, **kwargs)
     return self.model.apply({"params": params}, *args, **kwargs)
 
   def _prefill(self, params, inputs) -> tuple[Array, lmjax.KVCache]:
     cfg, p = self.model.config, self.plan
+    if "prefix_len" in inputs:  # the prompts' cached prefixes, then their suffixes
+      from infer import prefix_cache
+      return prefix_cache.prefill(self._apply, cfg, p, params, inputs)
     if p.seq2seq:
       cache = lmjax.init_cache(cfg, p.batch, p.cache_len, encoder_len=p.prompt_len)
       logits, cache = self._apply(
@@ -190,23 +233,14 @@ class Decoder:
     if p.return_logits:
       new["logits"] = jax.lax.dynamic_update_slice(
           state["logits"], logits.astype(jnp.float32)[:, None, :], (0, t, 0))
-    recent = jnp.concatenate([state["recent"][:, 1:], tok[:, None]], axis=1)
-    is_eos = jnp.zeros_like(done)
-    if p.num_eos:
-      is_eos = jnp.any(tok[:, None] == consts["eos"][None, :], axis=1) & active
-    is_stop = jnp.zeros_like(done)
-    if p.stop_shape[0]:
-      ok = (recent[:, None, :] == consts["stops"][None]) | ~consts["stop_valid"][None]
-      is_stop = jnp.any(jnp.all(ok, axis=2), axis=1)
-    if p.text_stops[0]:
-      hit, tail = stops.match(state["tail"], tok, consts)
-      is_stop = is_stop | hit
-      new["tail"] = jnp.where(active[:, None], tail, state["tail"])
-    is_stop = is_stop & active & ~is_eos
+    is_eos, is_stop, new["recent"], tail = end_checks(p, consts, tok, active, state["recent"],
+                                                      state.get("tail"))
+    if tail is not None:
+      new["tail"] = tail
     at_len = (t + 1 >= consts["max_new"]) & active & ~is_eos & ~is_stop
     reason = jnp.where(is_eos, _EOS, jnp.where(is_stop, _STOP, jnp.where(
         at_len, _LENGTH, state["reason"])))
-    new.update(recent=recent, reason=reason.astype(jnp.int32),
+    new.update(reason=reason.astype(jnp.int32),
                done=done | is_eos | is_stop | at_len, n=state["n"] + active.astype(jnp.int32),
                t=t + 1)
     return new
@@ -231,9 +265,7 @@ class Decoder:
 
   def _step(self, params, state, consts) -> dict:
     prev = jax.lax.dynamic_slice_in_dim(state["out"], state["t"] - 1, 1, axis=1)  # [R, 1]
-    if (isinstance(params, packed_lib.PackedParams)
-        and self.plan.rows <= packed_lib.MAX_STREAMED_ROWS):  # read packed rows in the loop
-      params = params.replace(tree=packed_lib.loop_variant(params.tree, state["t"]))
+    params = in_loop(params, self.plan.rows, state["t"])
     if self.plan.seq2seq:
       logits, cache = self._apply(params, None, prev, cache=state["cache"])
     else:
@@ -328,7 +360,8 @@ def generate(model, params, prompts, *, tokenizer=None, max_new_tokens: int = 64
              scorer: Callable[[Any, Candidate], float] | None = None,
              add_bos: bool | None = None,
              decoder_start_id: int | None = None, cache_size: int | None = None,
-             cache_multiple: int = 64, return_logits: bool = False) -> GenerateResult:
+             cache_multiple: int = 64, return_logits: bool = False, draft=None,
+             num_draft_tokens: int = 4, prefix_cache=None, adapter=None) -> GenerateResult:
   """Generates continuations of a batch of prompts with a compiled, KV-cached decode loop.
 
   Args:
@@ -356,7 +389,8 @@ def generate(model, params, prompts, *, tokenizer=None, max_new_tokens: int = 64
     best_of: generate this many candidates per prompt (>= num_samples) and return the
       `num_samples` best by `scorer`, best first.
     scorer: `scorer(prompt, candidate) -> float`, higher is better (a reward model, ...);
-      default `mean_log_prob`.
+      default `mean_log_prob`. One with a `score_many(prompts, candidates)` method is given
+      all candidates in one call (`infer.RewardScorer`: one batched forward).
     add_bos: put the BOS in front of a `CausalLM` string prompt (not twice). None: yes (as
       lmjax pretraining does), unless the tokenizer has an `add_bos_token` convention (Hugging
       Face tokenizers), which its `encode` has already applied. A doubled leading BOS (a
@@ -366,9 +400,18 @@ def generate(model, params, prompts, *, tokenizer=None, max_new_tokens: int = 64
       `max_new_tokens` rounded up to `cache_multiple`; at most the model's `max_len`; rounded up
       to `cache_multiple`: it changes only with the buckets); too small is a ValueError.
     return_logits: also return the logits each token was drawn from (for tests and analysis).
+    draft: speculative decoding (`infer.speculative`): `(draft_model, draft_params)`, a smaller
+      `CausalLM` with the same vocabulary, or "ngram" (prompt lookup). Greedy output is the
+      same tokens; sampled output has the same distribution (not the same draws per seed).
+    num_draft_tokens: k, tokens drafted per round (>= 1).
+    prefix_cache: an `infer.PrefixCache`: prompts reuse the KV of cached prefixes and prefill
+      only the rest; their own prefixes are stored for later calls.
+    adapter: with `params` a bank of adapters (`lmjax.peft.stack`), each prompt's adapter
+      name (None: the base); one compiled loop serves any mix.
 
   Returns:
-    A `GenerateResult` with B * N sequences (prompt i's sample j at i * N + j).
+    A `GenerateResult` with B * N sequences (prompt i's sample j at i * N + j); with `draft`,
+    an `infer.speculative.SpeculativeResult` (also acceptance statistics).
 
   Raises:
     ValueError: before any compute, for an empty prompt, a prompt longer than `config.max_len`
@@ -389,9 +432,15 @@ def generate(model, params, prompts, *, tokenizer=None, max_new_tokens: int = 64
                 num_samples=n_gen, add_bos=add_bos, decoder_start_id=decoder_start_id,
                 cache_size=cache_size, cache_multiple=cache_multiple,
                 return_logits=return_logits)
-  dec = decoder_for(model, req.plan)
-  state = dec.run(unwrap_params(params), req.inputs, req.consts)
-  result = collect(req, state, tokenizer)
+  if adapter is not None:
+    params = lmjax.peft.with_rows(unwrap_params(params), adapter, batch=req.plan.batch)
+  if draft is not None or prefix_cache is not None:
+    from infer import speculative
+    result = speculative.run(model, params, req, tokenizer, draft=draft, k=num_draft_tokens,
+                             prefix_cache=prefix_cache, cache_size=cache_size)
+  else:
+    state = decoder_for(model, req.plan).run(unwrap_params(params), req.inputs, req.consts)
+    result = collect(req, state, tokenizer)
   if best_of is None:
     return result
   return _best(result, split_prompts(prompts), num_samples, scorer or mean_log_prob)
@@ -401,8 +450,13 @@ def _best(result: GenerateResult, prompts: list, keep: int, scorer) -> GenerateR
   """Per prompt, the `keep` highest-scoring of its candidates (ties: the lower sample index)."""
   n = result.num_samples
   picked, scores = [], []
+  batched = None  # a scorer with `score_many(prompts, candidates)` scores all in one call
+  if hasattr(scorer, "score_many"):
+    batched = scorer.score_many([p for p in prompts for _ in range(n)],
+                                [result.candidate(k) for k in range(len(prompts) * n)])
   for i, prompt in enumerate(prompts):
-    cand = [(float(scorer(prompt, result.candidate(i * n + j))), i * n + j) for j in range(n)]
+    cand = [(float(batched[i * n + j]) if batched is not None else
+             float(scorer(prompt, result.candidate(i * n + j))), i * n + j) for j in range(n)]
     for score, idx in sorted(cand, key=lambda c: (-c[0], c[1]))[:keep]:
       picked.append(idx)
       scores.append(score)

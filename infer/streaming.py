@@ -78,12 +78,13 @@ def stream(model, params, prompts, *, tokenizer=None, max_new_tokens: int = 64,
            sampler: sampling.BaseSampler | None = None, seed: int | Sequence[int] = 0,
            stop=None, eos_id=None, ignore_eos: bool = False, num_samples: int = 1,
            add_bos: bool | None = None, decoder_start_id: int | None = None,
-           cache_size: int | None = None,
-           cache_multiple: int = 64) -> Iterator[StreamStep]:
+           cache_size: int | None = None, cache_multiple: int = 64,
+           prefix_cache=None) -> Iterator[StreamStep]:
   """Like `generate`, but yields each step's tokens as they are produced (for notebooks).
 
   Runs `generate`'s own jitted prefill and step functions from a Python loop, so the tokens
-  equal `generate`'s for the same arguments. Arguments as in `generate` (no best-of).
+  equal `generate`'s for the same arguments. Arguments as in `generate` (no best-of; a
+  `prefix_cache` is used and filled as there).
 
   Yields:
     A `StreamStep` per step, until every row is done. The generator's return value (the
@@ -93,7 +94,10 @@ def stream(model, params, prompts, *, tokenizer=None, max_new_tokens: int = 64,
                 sampler=sampler, seed=seed, stop=stop, eos_id=eos_id, ignore_eos=ignore_eos,
                 num_samples=num_samples, add_bos=add_bos, decoder_start_id=decoder_start_id,
                 cache_size=cache_size, cache_multiple=cache_multiple)
-  return _stream(model, params, req, tokenizer)
+  if prefix_cache is not None:
+    from infer import speculative
+    speculative.check_prefix_cache(model, prefix_cache)
+  return _stream(model, params, req, tokenizer, prefix_cache)
 
 
 def drain(steps: Iterator[StreamStep], on_step=None):
@@ -108,10 +112,14 @@ def drain(steps: Iterator[StreamStep], on_step=None):
       on_step(step)
 
 
-def _stream(model, params, req: requests.Request, tokenizer):
+def _stream(model, params, req: requests.Request, tokenizer, prefix_cache=None):
   dec = decode.decoder_for(model, req.plan)
   params = decode.unwrap_params(params)
-  state = dec.start(params, req.inputs, req.consts)
+  inputs, used, salt = req.inputs, set(), None
+  if prefix_cache is not None:
+    from infer import speculative
+    inputs, used, salt = speculative.cached_inputs(model, params, req, prefix_cache)
+  state = dec.start(params, inputs, req.consts)
   deltas = None
   if tokenizer is not None:
     deltas = [_TextDelta(tokenizer, req) for _ in range(req.plan.rows)]
@@ -135,4 +143,8 @@ def _stream(model, params, req: requests.Request, tokenizer):
     if was_done.all() or t >= req.max_new_tokens:
       break
     state = dec.step(params, state, req.consts)
-  return decode.collect(req, state, tokenizer)
+  result = decode.collect(req, state, tokenizer)
+  if prefix_cache is not None:
+    from infer import speculative
+    speculative.store(prefix_cache, salt, req, state["cache"], result.tokens, used)
+  return result

@@ -1,6 +1,6 @@
 """lmjax: functional Flax (linen) transformers for the whole life of a language model."""
 
-from lmjax import checkpoint, compilation_cache, packed
+from lmjax import checkpoint, compilation_cache, heads, packed, peft, quant
 from lmjax.attention_ops import (
     SegmentIds,
     get_attention,
@@ -11,6 +11,7 @@ from lmjax.cache import KVCache, init_cache
 from lmjax.config import PRESETS, TransformerConfig
 from lmjax.convert import HFTokenizer, load_pretrained, save_pretrained
 from lmjax.counting import count_params, flops_per_token, model_for
+from lmjax.heads import RewardModel, load_reward_model
 from lmjax.limits import checked
 from lmjax.sharding import LOGICAL_RULES, init_sharded, make_mesh
 from lmjax.transformer import CausalLM, MaskedLM, Seq2SeqLM
@@ -18,13 +19,17 @@ from lmjax.transformer import CausalLM, MaskedLM, Seq2SeqLM
 __all__ = [
     "checkpoint",
     "compilation_cache",
+    "heads",
     "packed",
+    "peft",
+    "quant",
     "LOGICAL_RULES",
     "PRESETS",
     "CausalLM",
     "HFTokenizer",
     "KVCache",
     "MaskedLM",
+    "RewardModel",
     "SegmentIds",
     "Seq2SeqLM",
     "TransformerConfig",
@@ -35,6 +40,7 @@ __all__ = [
     "init_cache",
     "init_sharded",
     "load_pretrained",
+    "load_reward_model",
     "make_mesh",
     "model_for",
     "reference_attention",

@@ -37,6 +37,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -256,8 +257,12 @@ def model_config_of(run_config: dict[str, Any], where: str) -> TransformerConfig
     raise ValueError(f"{where}: its 'model' section is not a valid TransformerConfig: {e}") from e
 
 
-def abstract_target(config: TransformerConfig, mesh: jax.sharding.Mesh | None = None) -> Any:
-  """`ShapeDtypeStruct`s (with shardings) of the params of `config`, for restoring into."""
+def abstract_target(config: TransformerConfig, mesh: jax.sharding.Mesh | None = None,
+                    head: str = "lm") -> Any:
+  """`ShapeDtypeStruct`s (with shardings) of the params of `config`, for restoring into
+  (`head`: "lm", the config's model; "reward", its `lmjax.RewardModel`)."""
+  if head == "reward":
+    return _reward_target(config, mesh)
   shapes = abstract_params(config)
   if mesh is None:
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -270,6 +275,31 @@ def abstract_target(config: TransformerConfig, mesh: jax.sharding.Mesh | None = 
         lambda: model.init(jax.random.key(0), *example_inputs(config))["params"], mesh)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
                       shardings)
+
+
+def _reward_target(config: TransformerConfig, mesh: jax.sharding.Mesh | None) -> Any:
+  from lmjax.counting import example_inputs
+  from lmjax.heads import RewardModel
+
+  def init():
+    return RewardModel(config).init(jax.random.key(0), *example_inputs(config))["params"]
+  shapes = nn.meta.unbox(jax.eval_shape(init))
+  if mesh is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: sharding, shapes)
+  else:
+    shardings = param_shardings(init, mesh)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                      shardings)
+
+
+HEADS = ("lm", "reward")
+
+
+def run_head(run_config: dict[str, Any]) -> str:
+  """What a run trained: "lm" (a language model) or "reward" (a `RewardModel`, whose run
+  config says `"head": "reward"`)."""
+  return run_config.get("head") or "lm"
 
 
 def save_params(directory: str | os.PathLike, params: Any) -> epath.Path:
@@ -313,19 +343,19 @@ def _manager(workdir) -> ocp.CheckpointManager:
 
 
 def restore_step_params(workdir: str | os.PathLike, step: int, config: TransformerConfig,
-                        mesh: jax.sharding.Mesh | None = None) -> Any:
+                        mesh: jax.sharding.Mesh | None = None, head: str = "lm") -> Any:
   """The params of one checkpoint step (no optimizer state is read)."""
   manager = _manager(workdir)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
-        **{PARAMS: ocp.args.StandardRestore(abstract_target(config, mesh))}))
+        **{PARAMS: ocp.args.StandardRestore(abstract_target(config, mesh, head))}))
   finally:
     manager.close()
   return restored[PARAMS]
 
 
 def load_run(workdir: str | os.PathLike, step: int | None = None, *,
-             mesh: jax.sharding.Mesh | None = None):
+             mesh: jax.sharding.Mesh | None = None, head: str = "lm"):
   """The model config, params and tokenizer of a training run's work dir.
 
   Args:
@@ -333,6 +363,12 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *,
     step: a saved step; None takes the newest step that restores. A newest step proven
       damaged (`is_damaged`) is skipped with a warning.
     mesh: shard the params over this mesh by `lmjax.sharding`'s rules (default: one device).
+    head: what the caller expects: "lm" (a language model) or "reward" (a reward run's
+      `RewardModel` params, `lmjax.load_reward_model`); a run of the other kind is an error.
+
+  A PEFT run (its config's `peft.method` set) gives its base with the adapter of `adapter/`
+  (`lmjax.peft.runs`; `step` is not used): LoRA merged into the params, other methods as
+  `lmjax.peft.Adapted`.
 
   Returns:
     `(config, params, tokenizer)`: a `TransformerConfig`, the raw params tree, and the
@@ -349,6 +385,19 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *,
     raise FileNotFoundError(f"no run folder at {str(workdir)!r}")
   run_config = read_json(workdir / CONFIG_FILE, f"run {str(workdir)!r}")
   config = model_config_of(run_config, str(workdir / CONFIG_FILE))
+  if head not in HEADS:
+    raise ValueError(f"head={head!r}; heads: {list(HEADS)}")
+  if run_head(run_config) != head:
+    raise ValueError(
+        f"run {str(workdir)!r} is a reward model (python -m train.reward), not a language "
+        "model: give a policy/language model here (read a reward model with "
+        "lmjax.load_reward_model)" if head == "lm" else
+        f"run {str(workdir)!r} is a language model, not a reward model: train one with "
+        "python -m train.reward")
+  from lmjax.peft import runs as peft_runs  # a PEFT run: its base, then its adapter/
+
+  if peft_runs.is_peft_run(run_config):
+    return peft_runs.load_peft_run(workdir, config, mesh)
   tokenizer = load_run_tokenizer(workdir)
   steps = saved_steps(workdir)
   if not steps:
@@ -372,7 +421,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *,
       except (OSError, ValueError) as e:
         if isinstance(e, OSError) and not is_damaged(e, step_dir):
           raise
-      params = restore_step_params(workdir, s, step_config, mesh)
+      params = restore_step_params(workdir, s, step_config, mesh, head)
       return step_config, params, tokenizer
     except Exception as e:  # noqa: BLE001 (orbax/tensorstore raise many kinds)
       if not is_damaged(e, step_dir):

@@ -50,6 +50,9 @@ from lmjax.transformer import LMHead
 
 Array = jax.Array
 FORMATS = ("bfloat16", "float32")
+# Integer formats: codes output-major like the float formats, a float32 scale per output and
+# group beside each (`<name>_scale`), applied after the row's dot (`lmjax.quant` rounding).
+INT_FORMATS = ("int8",)
 
 
 @flax.struct.dataclass
@@ -129,10 +132,13 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
   Raises:
     ValueError: an unknown format, params already packed, or params of another model.
   """
-  if fmt not in FORMATS:
-    raise ValueError(f"unknown packed format {fmt!r}; formats are {FORMATS}")
+  if fmt not in FORMATS + INT_FORMATS:
+    raise ValueError(f"unknown packed format {fmt!r}; formats are {FORMATS + INT_FORMATS}")
   if isinstance(params, PackedParams):
     raise ValueError("params are already packed")
+  if fmt in INT_FORMATS:
+    from lmjax.quant import packed_int  # lmjax.quant imports this module
+    return packed_int.pack(model, params, fmt)
   if isinstance(params, dict) and set(params) == {"params"}:
     params = params["params"]
   try:
@@ -160,6 +166,9 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
 
 def unpack(packed: PackedParams) -> Any:
   """The raw params tree back: packed matrices in the model's layout, as float32."""
+  if packed.fmt in INT_FORMATS:
+    from lmjax.quant import packed_int
+    return packed_int.unpack(packed)
   flat = flatten_dict(packed.tree)
   for path, k, lead, shape in packed.packed:
     nfree = len(shape) - lead - k
@@ -180,9 +189,12 @@ def unpack(packed: PackedParams) -> Any:
 MAX_STREAMED_ROWS = 1
 
 
-def _matmul_t(x: Array, w: Array) -> Array:
-  """`x [M, K] @ widen(w [N, K]).T` in float32."""
+def _matmul_t(x: Array, w: Array, scale: Array | None = None) -> Array:
+  """`x [M, K] @ widen(w [N, K]).T` in float32 (integer codes: times `scale` `[N, G]`)."""
   x = x.astype(jnp.float32)
+  if scale is not None:
+    from lmjax.quant import packed_int
+    return packed_int.matmul_t(x, w, scale, x.shape[0] <= MAX_STREAMED_ROWS, _flat_copy)
   if x.shape[0] <= MAX_STREAMED_ROWS:  # one loop per output streams its row of w
     return jnp.dot(_flat_copy(x), widen(w).T)
   if w.dtype == jnp.float32:  # XLA's matmul reads the transposed matrix as it is
@@ -212,7 +224,7 @@ def _einsum(m: Einsum, x: Array) -> Array:
   k = project_split(m.eqn)
   free = m.shape[k:]
   lead = x.shape[:x.ndim - k]
-  y = _matmul_t(x.reshape(-1, w.shape[1]), w)
+  y = _matmul_t(x.reshape(-1, w.shape[1]), w, _scale(m, "kernel"))
   y = y.reshape(lead + free).astype(dtype_of(m.dtype))
   if m.bias_axes is not None:
     b = m.get_variable("params", "bias").astype(y.dtype)
@@ -220,21 +232,29 @@ def _einsum(m: Einsum, x: Array) -> Array:
   return y
 
 
+def _scale(m: nn.Module, name: str) -> Array | None:
+  """The `[outputs, groups]` scales of an integer-packed weight `name` (None: a float one)."""
+  return m.get_variable("params", name + "_scale")
+
+
 def _embedding(m: TokenEmbedding, method: str, x: Array) -> Array:
   e = m.get_variable("params", "embedding")  # [V, D] in the packed format
+  s = _scale(m, "embedding")  # [V, 1] int8 codes' scales, or None
   cfg = m.config
   if method == "__call__":
-    h = widen(jnp.take(e, x, axis=0)).astype(dtype_of(cfg.dtype))
+    h = widen(jnp.take(e, x, axis=0)) if s is None else (
+        jnp.take(e, x, axis=0).astype(jnp.float32) * jnp.take(s, x, axis=0))
+    h = h.astype(dtype_of(cfg.dtype))
     if cfg.scale_embeddings:
       h = h * jnp.sqrt(jnp.asarray(cfg.model_dim, h.dtype))
     return h
   lead = x.shape[:-1]
-  return _matmul_t(x.reshape(-1, x.shape[-1]), e).reshape(lead + (e.shape[0],))
+  return _matmul_t(x.reshape(-1, x.shape[-1]), e, s).reshape(lead + (e.shape[0],))
 
 
 def _head(m: nn.Module, x: Array) -> Array:
   w = m.get_variable("params", "kernel")  # [V, D] in the packed format
-  logits = _matmul_t(x.reshape(-1, x.shape[-1]), w)
+  logits = _matmul_t(x.reshape(-1, x.shape[-1]), w, _scale(m, "kernel"))
   logits = logits.reshape(x.shape[:-1] + (w.shape[0],))
   return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
@@ -253,8 +273,9 @@ def _interceptor(next_fun, args, kwargs, context):
 @contextlib.contextmanager
 def reading(packed: PackedParams) -> Iterator[None]:
   """Within this context, `model.apply({"params": packed.tree}, ...)` reads packed weights."""
-  if packed.fmt not in FORMATS:
-    raise ValueError(f"unknown packed format {packed.fmt!r}; formats are {FORMATS}")
+  if packed.fmt not in FORMATS + INT_FORMATS:
+    raise ValueError(f"unknown packed format {packed.fmt!r}; formats are "
+                     f"{FORMATS + INT_FORMATS}")
   with nn.intercept_methods(_interceptor):
     yield
 

@@ -56,6 +56,11 @@ def run_command(line: str, scratch, data_dirs) -> str:  # noqa: F811
     job, tiny = importlib.import_module(module), tiny_sets(data_dirs, steps=2, seq=64)
   elif module == "train.sft":
     job, tiny = importlib.import_module(module), SFT_TINY
+  elif module == "train.plan":
+    from train import plan
+
+    assert plan.main(args) == 0, line
+    return "ran"
   elif module == "infer":
     from infer import __main__ as cli
 

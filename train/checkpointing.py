@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 MAY_CHANGE = (
     "train.steps", "train.eval_every", "train.eval_batches", "train.log_every",
     "train.progress_bar", "train.precision", "train.grad_accum", "checkpoint.*", "mesh.*",
-    "report.*", "model.dtype", "model.attention", "model.remat_policy",
+    "report.*", "eval.*", "model.dtype", "model.attention", "model.remat_policy",
     "optimizer.learning_rate", "optimizer.warmup_steps", "optimizer.decay_steps",
     "optimizer.final_lr_fraction", "optimizer.weight_decay", "optimizer.b1", "optimizer.b2",
     "optimizer.eps", "data.worker_buffer_size", "data.read_threads",
@@ -112,11 +112,33 @@ def _may_change(key: str) -> bool:
   return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in MAY_CHANGE)
 
 
-def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-  """`(blocking, allowed)`: lines "key: saved X, now Y" for keys that differ."""
+def section_defaults(config: Any) -> dict[str, Any]:
+  """`{"section.key": default}` of every section of a run config whose dataclass has defaults
+  for all its fields: what a key absent from an older checkpoint's config meant then."""
+  out = {}
+  for f in dataclasses.fields(config):
+    value = getattr(config, f.name)
+    if not dataclasses.is_dataclass(value):
+      continue
+    try:
+      default = type(value)()
+    except TypeError:  # a section with required fields
+      continue
+    out.update(_flatten({f.name: json.loads(json.dumps(dataclasses.asdict(default)))}))
+  return out
+
+
+def config_differences(saved: dict, current: dict,
+                       defaults: dict[str, Any] | None = None) -> tuple[list[str], list[str]]:
+  """`(blocking, allowed)`: lines "key: saved X, now Y" for keys that differ. A key absent
+  from `saved` (a setting added after the checkpoint was written) is no difference when the
+  current value is its default (`defaults`, flattened)."""
   a, b = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
+  defaults = defaults or {}
   blocking, allowed = [], []
   for key in sorted(set(a) | set(b)):
+    if key not in a and key in defaults and b.get(key) == defaults[key]:
+      continue
     if a.get(key, "<absent>") != b.get(key, "<absent>"):
       line = f"{key}: saved {a.get(key, '<absent>')!r}, now {b.get(key, '<absent>')!r}"
       (allowed if _may_change(key) else blocking).append(line)
@@ -145,6 +167,7 @@ class Checkpointer:
                async_save: bool = True):
     self.workdir = layout.run_path(workdir)
     self.directory = layout.checkpoint_dir(self.workdir)
+    self.defaults: dict[str, Any] = {}  # `section_defaults` of the run config (set by the job)
     keep_policies = [policies.LatestN(n=keep)]
     if keep_best:
       keep_policies.append(policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True,
@@ -201,7 +224,7 @@ class Checkpointer:
     """Raises CheckpointMismatchError when the step does not fit; another error when its files
     do not read (`is_damaged` tells damage from the rest)."""
     meta = layout.read_step_meta(self.workdir, step)
-    blocking, allowed = config_differences(meta.get("config", {}), run_config)
+    blocking, allowed = config_differences(meta.get("config", {}), run_config, self.defaults)
     if blocking:
       raise CheckpointMismatchError(
           f"checkpoint step {step} in {self.directory} was saved by a different run config:\n  "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from typing import Any
 
 from lmjax.config import TransformerConfig
@@ -162,6 +163,25 @@ class ReportConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskEvalConfig:
+  """Tasks scored at each evaluation of a training run (`train.evaluate`: `chat`,
+  `arithmetic`, `shakespeare`, `jsonl:PATH`), e.g. `--set eval.tasks=chat,arithmetic
+  eval.limit=20`; their metrics (`chat/acc`, ...) are logged beside the validation loss.
+  `limit`: items a task (0: all); `batch_size`: rows a forward pass (rounded up to the mesh's
+  batch shards)."""
+
+  tasks: tuple[str, ...] = ()
+  limit: int = 20
+  batch_size: int = 8
+
+  def __post_init__(self):
+    check_types(self)
+    if self.limit < 0 or self.batch_size < 1:
+      raise ValueError(f"eval: limit={self.limit} must be >= 0 and batch_size="
+                       f"{self.batch_size} >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
   """Everything a training run needs; `to_dict()` is what `WORKDIR/config.json` holds."""
 
@@ -172,6 +192,7 @@ class RunConfig:
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
+  eval: TaskEvalConfig = dataclasses.field(default_factory=TaskEvalConfig)
 
   def __post_init__(self):
     check_types(self)
@@ -313,8 +334,42 @@ def _transformer_base() -> RunConfig:
       train=TrainConfig(steps=500_000, eval_every=5000, eval_batches=50, log_every=100))
 
 
+def _llama_class(model: str, *, seq_len: int, batch_size: int, learning_rate: float,
+                 attention: str = "reference") -> Callable[[], RunConfig]:
+  """Pretraining of a Llama-class shape on a TPU slice or GPU hosts (`python -m train.plan`
+  sizes the mesh first): bfloat16 compute with float32 params and AdamW state, full remat,
+  scanned layers, fsdp over the remaining devices; `batch_size` rows per host."""
+  def make() -> RunConfig:
+    cfg = TransformerConfig.from_preset(model, max_len=seq_len, remat_policy="full",
+                                        scan_layers=True, attention=attention)
+    return RunConfig(
+        model=cfg,
+        data=DataConfig(source="tfds:c4/en", objective="causal_lm", seq_len=seq_len,
+                        batch_size=batch_size,
+                        tokenizer=TokenizerConfig(vocab_size=cfg.vocab_size, num_sentinels=0)),
+        optimizer=OptimizerConfig(learning_rate=learning_rate, warmup_steps=2000,
+                                  weight_decay=0.1, b2=0.95, final_lr_fraction=0.1),
+        mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
+        checkpoint=CheckpointConfig(every=1000, keep=3),
+        train=TrainConfig(steps=100_000, eval_every=1000, eval_batches=20, log_every=10,
+                          precision="bfloat16"))
+  return make
+
+
 PRESETS = {"demo": _demo, "gpt2-124m": _gpt2, "bert-base": _bert,
-           "transformer-base": _transformer_base}
+           "transformer-base": _transformer_base,
+           # Llama 3 hyper-parameters (Meta, 2024): peak lr 3e-4 (8B) / 1.5e-4 (70B), 8K context.
+           "llama3.2-1b": _llama_class("llama3.2-1b", seq_len=8192, batch_size=16,
+                                       learning_rate=3e-4),
+           "llama3.1-8b": _llama_class("llama3.1-8b", seq_len=8192, batch_size=16,
+                                       learning_rate=3e-4),
+           "llama3.1-70b": _llama_class("llama3.1-70b", seq_len=8192, batch_size=16,
+                                        learning_rate=1.5e-4),
+           "qwen2.5-7b": _llama_class("qwen2.5-7b", seq_len=8192, batch_size=16,
+                                      learning_rate=3e-4),
+           # Long context: 64K tokens a row through the flash kernel (no T x T scores).
+           "llama3.1-8b-64k": _llama_class("llama3.1-8b", seq_len=65536, batch_size=8,
+                                           learning_rate=3e-5, attention="flash")}
 
 
 def preset(name: str) -> RunConfig:

@@ -28,7 +28,8 @@ import lmjax
 from lmjax import checkpoint as layout
 from lmjax.checkpoint import CheckpointReadError
 from train import config as config_lib
-from train.checkpointing import Checkpointer, CheckpointMismatchError
+from train import plan as plan_lib
+from train.checkpointing import Checkpointer, CheckpointMismatchError, section_defaults
 from train.feedback import Feedback, peak_flops
 from train.optimizer import learning_rate_schedule, make_optimizer
 from train.trainer import Frozen, Trainer, TrainState
@@ -103,6 +104,13 @@ class Job:
                       start: int, feedback: Feedback) -> dict[str, Any]:
     """Figures of the starting point (e.g. SFT's held-out loss before fine-tuning)."""
     return {}
+
+  def eval_target(self, config: Any, trainer: Trainer, params) -> tuple[Any, Any] | None:
+    """`(model, params)` that `eval.tasks` score: the trained model itself; None where the
+    job cannot give a plain `CausalLM` and params (then the tasks are skipped, with a note)."""
+    if trainer.frozen is not None or not isinstance(trainer.model, lmjax.CausalLM):
+      return None
+    return trainer.model, params
 
   def report(self, config: Any, trainer: Trainer, params, tokenizer,
              before: dict[str, Any]) -> dict[str, Any]:
@@ -186,11 +194,15 @@ def run(job: Job, config, workdir: str | os.PathLike, *, hooks: Sequence[Callabl
   config = job.prepare(config)
   cfg, steps = config.model, config.train.steps
   trainer = build_trainer(job, config)
+  memory = plan_lib.plan_trainer(trainer, cfg, job.tokens_per_row(config),
+                                 plan_lib.device_capacity())
+  plan_lib.check_fits(memory, cfg, jax.device_count())
   run_dict = config.to_dict()
   is_main = jax.process_index() == 0
 
   ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
                       async_save=config.checkpoint.async_save)
+  ckpt.defaults = section_defaults(config)
   pipes: list = []
   feedback = None
   try:
@@ -205,6 +217,10 @@ def run(job: Job, config, workdir: str | os.PathLike, *, hooks: Sequence[Callabl
       raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
                        f"{cfg.vocab_size}: set model.vocab_size >= {tokenizer.vocab_size}")
     job.check(config, trainer, tokenizer)
+    if getattr(config, "eval", None) and config.eval.tasks:
+      from train import evaluate as evaluate_lib
+
+      evaluate_lib.check_tasks(config.eval, tokenizer)
     if trainer.frozen is not None:
       trainer.set_frozen(job.frozen_params(config, trainer))
     if restored is None:
@@ -243,6 +259,7 @@ def run(job: Job, config, workdir: str | os.PathLike, *, hooks: Sequence[Callabl
                    f"{dict(trainer.mesh.shape)} on {jax.device_count()} "
                    f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es); "
                    + (f"resuming from step {start}" if start else "starting at step 0"))
+    feedback.print(memory.table())
 
     evals: dict[str, Any] = {}
 
@@ -250,6 +267,12 @@ def run(job: Job, config, workdir: str | os.PathLike, *, hooks: Sequence[Callabl
       it = job.eval_batches(config, tokenizer)
       pipes.append(it)
       evals["last"] = trainer.evaluate(params, it, config.train.eval_batches)
+      if getattr(config, "eval", None) and config.eval.tasks:
+        from train import evaluate as evaluate_lib
+
+        evals["last"].update(evaluate_lib.training_metrics(
+            config.eval, job.eval_target(config, trainer, params), trainer.mesh, tokenizer,
+            feedback.print))
       return evals["last"]
 
     def save(step, state, val):

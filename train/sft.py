@@ -35,7 +35,7 @@ import jax
 import lmjax
 from lmjax import checkpoint as layout
 from lmjax.config import TransformerConfig
-from train import chat_data, objectives, packing
+from train import chat_data, objectives, packing, peft_train
 from train import config as config_lib
 from train import job as job_lib
 from train.data import DataIterator
@@ -163,6 +163,38 @@ class SFT(job_lib.Job):
   def loss(self, config):
     return objectives.causal_lm_loss  # With the response mask as the loss mask.
 
+  # --- PEFT (`config.peft`, `train.peft_train`): the adapter trains, the base is frozen ------
+
+  def _peft(self, config):
+    key = (config.peft, config.model)
+    cache = self.__dict__.setdefault("_peft_setups", {})
+    if key not in cache:
+      cache[key] = peft_train.setup(config.peft, lmjax.model_for(config.model),
+                                    lmjax.peft.boxed_abstract(config.model))
+    return cache[key]
+
+  def model(self, config):
+    ps = self._peft(config)
+    return ps.model if ps else super().model(config)
+
+  def partition(self, config):
+    ps = self._peft(config)
+    return (ps.init_params, ps.frozen) if ps else (None, None)
+
+  def frozen_params(self, config, trainer):
+    params, _ = load_base(config.base, config.model, trainer.mesh)
+    self._base_embedding = params["embed"]["embedding"]
+    return self._peft(config).frozen_value(params)
+
+  def eval_target(self, config, trainer, params):
+    ps = self._peft(config)
+    if ps is None:
+      return super().eval_target(config, trainer, params)
+    if config.peft.method != "lora" or config.peft.base_quant != "none":
+      return None  # eval tasks score plain params: LoRA merges into them, the others do not
+    adapted = lmjax.peft.merge_adapted(ps.adapted(params, trainer.frozen_params))
+    return trainer.model.model, adapted.base
+
   def tokenizer(self, config, workdir, restored):
     if restored and layout.has_tokenizer(workdir):
       return layout.load_run_tokenizer(workdir)
@@ -173,6 +205,7 @@ class SFT(job_lib.Job):
     return tok
 
   def check(self, config, trainer, tokenizer):
+    self._tokenizer = tokenizer
     # Every row of both splits is read, checked and encoded now (a bad row fails before step 0).
     self._data, self._stats = {}, {}
     for split in ("train", "heldout"):
@@ -187,6 +220,14 @@ class SFT(job_lib.Job):
       self._stats[split] = dataclasses.asdict(stats)
 
   def initial_state(self, config, trainer):
+    ps = self._peft(config)
+    if ps and config.peft.prompt_init_text:  # the soft prompt starts as the text's embeddings
+      ids = self._tokenizer.encode(config.peft.prompt_init_text)
+      value = peft_train.prompt_from_text(self._base_embedding, ids,
+                                          config.peft.num_virtual_tokens)
+      return job_lib.state_from_params(trainer, {"embed": {"prompt_embeddings": value}})
+    if ps:
+      return trainer.init_state()
     params, _ = load_base(config.base, config.model, trainer.mesh)
     return job_lib.state_from_params(trainer, params, donate=True)
 
@@ -197,6 +238,7 @@ class SFT(job_lib.Job):
     return make_batches(config, tokenizer, "heldout", self._data["heldout"])
 
   def before_training(self, config, trainer, state, tokenizer, start, feedback):
+    self._workdir = feedback.workdir
     for split, s in self._stats.items():
       feedback.print(f"{split}: " + chat_data.EncodeStats(**s).describe())
     path = layout.run_path(feedback.workdir) / "before.json"
@@ -220,7 +262,9 @@ class SFT(job_lib.Job):
     rows = self._heldout_rows[:config.report.replies]
     if not rows:
       return []
-    host = report.gather_params(params)
+    ps = self._peft(config)
+    host = report.gather_params(params if ps is None else ps.adapted(params,
+                                                                     trainer.frozen_params))
     if jax.process_index() != 0:
       return []
     chats, answers = [], []
@@ -237,7 +281,8 @@ class SFT(job_lib.Job):
         answers.append(value[1])
     if not chats:
       return []
-    out = infer.generate(trainer.model, host, chats, tokenizer=tokenizer,
+    model = trainer.model.model if ps else trainer.model
+    out = infer.generate(model, host, chats, tokenizer=tokenizer,
                          max_new_tokens=config.report.max_new_tokens,
                          sampler=infer.sampling.Greedy())
     return [{"prompt": c, "reference": a, "reply": t.strip()}
@@ -245,6 +290,10 @@ class SFT(job_lib.Job):
 
   def report(self, config, trainer, params, tokenizer, before):
     out = {"data": self._stats}
+    ps = self._peft(config)
+    if ps:  # WORKDIR/adapter/: Hugging Face PEFT files pointing at the base
+      ps.save(self._workdir, config.model, params, base=config.base)
+      out["peft"] = {"method": config.peft.method, "trainable_params": lmjax.peft.count(params)}
     if before:
       out["before"] = before
     out["replies"] = self._replies(config, trainer, params, tokenizer)

@@ -15,6 +15,7 @@ from lmjax.config import TransformerConfig
 from train import chat_data
 from train import config as config_lib
 from train.overrides import check_types
+from train.peft_config import PEFTConfig
 
 # Model fields a fine-tuning run may change: how the model runs, not what it is.
 MODEL_MAY_CHANGE = ("dropout_rate", "attention_dropout_rate", "remat_policy", "scan_layers",
@@ -94,11 +95,16 @@ class SFTConfig:
       default_factory=config_lib.CheckpointConfig)
   train: config_lib.TrainConfig = dataclasses.field(default_factory=config_lib.TrainConfig)
   report: SFTReportConfig = dataclasses.field(default_factory=SFTReportConfig)
+  peft: PEFTConfig = dataclasses.field(default_factory=PEFTConfig)
+  eval: config_lib.TaskEvalConfig = dataclasses.field(default_factory=config_lib.TaskEvalConfig)
 
   def __post_init__(self):
     check_types(self)
     if not self.base:
       raise ValueError("base (--model) must name a pretrained model or a run dir")
+    if self.peft.method == "prompt" and self.data.pack:
+      raise ValueError("peft.method=prompt puts the soft prompt before each row: set "
+                       "data.pack=false (one example per row)")
     if self.model is not None:
       if self.model.num_encoder_layers or not self.model.num_decoder_layers:
         raise ValueError("SFT fine-tunes a decoder-only (CausalLM) model; "

@@ -71,6 +71,9 @@ def config_from_hf(d: Mapping[str, Any], where: str = "config.json") -> Transfor
   """
   archs = d.get("architectures") or []
   arch = archs[0] if archs else None
+  if arch and arch.endswith("ForSequenceClassification"):
+    raise ValueError(f"{where} is a reward model ({arch}), not a language model: read it with "
+                     "lmjax.load_reward_model; give a language model here")
   if arch not in SUPPORTED_ARCHITECTURES:
     raise ValueError(f"{where} is for architecture {arch!r} (model_type "
                      f"{d.get('model_type')!r}); supported: {list(SUPPORTED_ARCHITECTURES)}")
@@ -143,6 +146,11 @@ def read_folder(folder: str | os.PathLike) -> tuple[TransformerConfig, dict[str,
     raise FileNotFoundError(f"{str(folder)!r} has no config.json; a Hugging Face model folder "
                             "holds config.json and *.safetensors")
   cfg = config_from_hf(json.loads(cfg_path.read_text(encoding="utf-8")), str(cfg_path))
+  return cfg, read_folder_tensors(folder)
+
+
+def read_folder_tensors(folder: Path) -> dict[str, TensorRef]:
+  """The (lazy) tensors of a Hugging Face model folder, whatever its architecture."""
   index = folder / INDEX_FILE
   if index.is_file():
     weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -169,7 +177,7 @@ def read_folder(folder: str | os.PathLike) -> tuple[TransformerConfig, dict[str,
         raise ValueError(f"tensor {name!r} in {ref.source} is {ref.dtype}; supported weight "
                          f"dtypes: {list(safetensors_io.FLOAT_DTYPES)}")
       tensors[name] = ref
-  return cfg, tensors
+  return tensors
 
 
 def write_weights(folder: Path, tensors: Mapping[str, np.ndarray],

@@ -92,7 +92,8 @@ def _dtype_name(dtype: Any) -> str:
 
 def load_pretrained(path_or_name: str | os.PathLike, dtype: Any = "float32",
                     mesh: jax.sharding.Mesh | None = None, *, packed: str | None = None,
-                    weights_cache: bool | str | os.PathLike | None = None, **overrides):
+                    weights_cache: bool | str | os.PathLike | None = None,
+                    quant: str | None = None, **overrides):
   """Loads a pretrained model: its config, params and tokenizer.
 
   Args:
@@ -113,6 +114,9 @@ def load_pretrained(path_or_name: str | os.PathLike, dtype: Any = "float32",
       `$LMJAX_WEIGHTS_CACHE` names a folder. Not used with a mesh or for Hugging Face folders
       (already float tensors). A cache that cannot be read or written is warned about and
       passed by, never an error.
+    quant: "keep": a GGUF's Q8_0/Q4_0/Q4_1 blocks kept as they are (`lmjax.quant.QuantParams`,
+      no dequantize-requantize loss); "int8", "int4", "nf4": `lmjax.quant.quantize` after
+      loading; None: float params. Not with a mesh or `packed`.
     **overrides: config fields in `OVERRIDABLE` (e.g. `scan_layers=True`, `attention="flash"`).
 
   Returns:
@@ -131,6 +135,8 @@ def load_pretrained(path_or_name: str | os.PathLike, dtype: Any = "float32",
     raise ValueError(f"load_pretrained cannot override {bad} (the checkpoint fixes them; give "
                      f"`dtype` for dtypes); overridable: {list(OVERRIDABLE)}")
   name = _dtype_name(dtype)
+  if quant is not None:
+    return _load_quantized(path_or_name, name, quant, mesh, packed, overrides)
   if packed is not None and packed not in packed_lib.FORMATS:
     raise ValueError(f"packed={packed!r} is not a packed format; formats: "
                      f"{packed_lib.FORMATS} (or None for the raw params tree)")
@@ -155,6 +161,26 @@ def load_pretrained(path_or_name: str | os.PathLike, dtype: Any = "float32",
     params = build_params(cfg, tensors, where=repr(str(path)), mesh=mesh)
     return params if packed is None else packed_lib.pack(model_for(cfg), params, packed)
   return cfg, load_or_convert(cache, path, cfg, packed, convert), tokenizer
+
+
+def _load_quantized(path_or_name, dtype: str, quant: str, mesh, packed, overrides):
+  """`load_pretrained(..., quant=...)`: see there."""
+  from lmjax import quant as quant_lib  # lmjax.quant imports lmjax.convert
+  if quant not in ("keep",) + quant_lib.MODEL_FORMATS:
+    raise ValueError(f"quant={quant!r}; give 'keep' (GGUF blocks as they are) or one of "
+                     f"{quant_lib.MODEL_FORMATS}")
+  if mesh is not None or packed is not None or overrides:
+    raise ValueError("quant= loads for one device without `packed`, `mesh` or config overrides "
+                     "(shard afterwards with lmjax.quant.shard)")
+  if quant != "keep":
+    cfg, params, tokenizer = load_pretrained(path_or_name, dtype)
+    return cfg, quant_lib.quantize(model_for(cfg), params, quant), tokenizer
+  path = resolve(path_or_name)
+  if not gguf_lib.is_gguf(path):
+    raise ValueError(f"quant='keep' needs a GGUF file; {str(path)!r} is not one")
+  from lmjax.quant.gguf_keep import load_kept
+  cfg, qparams, ckpt = load_kept(path, dtype)
+  return cfg, qparams, _gguf_tokenizer(ckpt)
 
 
 # transformers' `GenerationConfig` defaults (`_get_default_generation_params`) for the fields
@@ -276,7 +302,9 @@ def _folder_tokenizer(folder: Path):
 def save_pretrained(config: TransformerConfig, params: dict, tokenizer: Any,
                     folder: str | os.PathLike, *, overwrite: bool = False,
                     max_shard_bytes: int = 5 * 2**30) -> Path:
-  """Writes a Hugging Face folder that `transformers.AutoModelForCausalLM` loads.
+  """Writes a Hugging Face folder that `transformers.AutoModelForCausalLM` loads (a
+  `RewardModel`'s params: one `AutoModelForSequenceClassification` loads, `score.weight`,
+  `num_labels=1`; read back with `lmjax.load_reward_model`).
 
   Files: `model.safetensors` (or shards + `model.safetensors.index.json` past
   `max_shard_bytes`), `config.json`, `generation_config.json`, and the tokenizer's files
@@ -305,7 +333,12 @@ def save_pretrained(config: TransformerConfig, params: dict, tokenizer: Any,
     if not overwrite:
       raise FileExistsError(f"{str(folder)!r} is not empty; pass overwrite=True to write into "
                             "it anyway")
-  tensors = params_to_hf(config, params)  # checks params against the config first
+  from lmjax.convert import reward as reward_lib
+  from lmjax.heads import is_reward_params
+
+  reward = is_reward_params(params)  # a RewardModel's: a LlamaForSequenceClassification folder
+  # Checks params against the config first.
+  tensors = reward_lib.reward_to_hf(config, params) if reward else params_to_hf(config, params)
   folder.mkdir(parents=True, exist_ok=True)
   for old in [*folder.glob("*.safetensors"), folder / hf_lib.INDEX_FILE]:
     if old.is_file():
@@ -313,7 +346,8 @@ def save_pretrained(config: TransformerConfig, params: dict, tokenizer: Any,
   hf_lib.write_weights(folder, tensors, max_shard_bytes)
   ids = _special_ids(tokenizer)
   dtype = str(np.asarray(tensors["model.embed_tokens.weight"]).dtype)
-  hf_cfg = hf_lib.config_to_hf(config, dtype=dtype, **ids)
+  hf_cfg = (reward_lib.reward_config_to_hf(config, ids, dtype) if reward
+            else hf_lib.config_to_hf(config, dtype=dtype, **ids))
   _write_json(folder / "config.json", hf_cfg)
   gen = {f"{k[:-3]}_token_id": v for k, v in ids.items() if v is not None}
   _write_json(folder / "generation_config.json", gen)

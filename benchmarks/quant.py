@@ -1,0 +1,140 @@
+"""Weight quantization of SmolLM2-135M-Instruct: quality and batch-1 decode speed per format.
+
+Formats: float32, bfloat16, packed float32/bfloat16 (`lmjax.packed`, the speed baselines),
+`lmjax.quant` int8 (per channel), int4 and NF4 (groups of 64), packed int8 (the same int8
+codes output-major, `lmjax.packed.pack(model, params, "int8")`), and the GGUF's own Q4_1
+blocks kept as they are (`load_pretrained(..., quant="keep")`).
+
+* Quality: perplexity on held-out text (the first 4 x 256 tokens of the embedded Shakespeare
+  corpus, one forward each), and greedy agreement with float32 over 128 new tokens (the
+  fraction of positions where the tokens match, up to the first difference and overall).
+* Speed: batch 1, a 128-token prompt, 128 greedy tokens; decode tokens/s `127 / (t(128) -
+  t(1))` as in benchmarks/pretrained_decode.py, best of `--repeats`, interleaved; each against
+  packed float32 measured in the same run. Model bytes per format.
+
+    python benchmarks/quant.py [--repeats 2] [--formats float32,packed-int8,...]
+
+Writes benchmarks/results/quant.json. CPU figures are relative only; the machine's load is
+recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import infer  # noqa: E402
+import lmjax  # noqa: E402
+import lmjax.peft  # noqa: E402,F401  (infer.decode checks lmjax.peft.Adapted)
+from infer.sampling import Greedy  # noqa: E402
+
+PROMPT, NEW, CACHE, PPL_LEN, PPL_ROWS = 128, 128, 256, 256, 4
+CORPUS = Path(__file__).resolve().parents[1] / "train" / "corpora" / "shakespeare.txt.gz"
+
+
+def load(fmt: str):
+  if fmt == "q4_1-kept":
+    cfg, params, tok = lmjax.load_pretrained("smollm2-135m-instruct", quant="keep")
+    return cfg, params, tok
+  dtype = "bfloat16" if fmt == "bfloat16" else "float32"
+  cfg, params, tok = lmjax.load_pretrained("smollm2-135m-instruct", dtype=dtype)
+  model = lmjax.CausalLM(cfg)
+  if fmt.startswith("packed-"):  # packed-float32, packed-bfloat16, packed-int8
+    params = lmjax.packed.pack(model, params, fmt.split("-")[1])
+  elif fmt in lmjax.quant.MODEL_FORMATS:
+    params = lmjax.quant.quantize(model, params, fmt)
+  return cfg, params, tok
+
+
+def forward(model, params):
+  if isinstance(params, lmjax.quant.QuantParams):
+    return jax.jit(lambda p, t: lmjax.quant.apply(model, p, t))
+  if isinstance(params, lmjax.packed.PackedParams):
+    return jax.jit(lambda p, t: lmjax.packed.apply(model, p, t))
+  return jax.jit(lambda p, t: model.apply({"params": p}, t))
+
+
+def perplexity(model, params, ids) -> float:
+  f = forward(model, params)
+  nll = []
+  for r in range(PPL_ROWS):
+    t = jnp.asarray(ids[r * PPL_LEN:(r + 1) * PPL_LEN])[None]
+    lp = jax.nn.log_softmax(f(params, t)[0, :-1].astype(jnp.float32), -1)
+    nll.append(-np.asarray(jnp.take_along_axis(lp, t[0, 1:, None], -1))[:, 0])
+  return float(np.exp(np.mean(np.concatenate(nll))))
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--formats", default="float32,bfloat16,packed-float32,packed-bfloat16,int8,"
+                  "int4,nf4,q4_1-kept,packed-int8")
+  ap.add_argument("--name", default="quant",
+                  help="results file benchmarks/results/NAME.json (a --formats subset: another)")
+  args = ap.parse_args()
+  load0 = os.getloadavg()
+  bandwidth = common.memory_bandwidth(256)
+  text = gzip.open(CORPUS, "rt").read()
+  text = text[len(text) // 2:]  # held out: the second half
+  runs, rows = {}, []
+  for fmt in args.formats.split(","):
+    cfg, params, tok = load(fmt)
+    model = lmjax.CausalLM(cfg)
+    ids = tok.encode(text[:40_000])
+    prompt = ids[:PROMPT]
+
+    def run(n, model=model, params=params, prompt=prompt):
+      return infer.generate(model, params, [prompt], max_new_tokens=n, sampler=Greedy(),
+                            ignore_eos=True, add_bos=False, cache_size=CACHE)
+    out = run(NEW).tokens[0]
+    run(1)
+    runs[fmt] = {"run": run, "tokens": out}
+    rows.append({"format": fmt, "MB": lmjax.quant.nbytes(params) if not isinstance(
+        params, lmjax.packed.PackedParams) else sum(x.nbytes for x in jax.tree.leaves(params)),
+                 "perplexity": perplexity(model, params, ids[PROMPT:])})
+    rows[-1]["MB"] /= 1e6
+    print(f"{fmt}: {rows[-1]['MB']:.1f} MB, perplexity {rows[-1]['perplexity']:.3f}", flush=True)
+  best = {f: float("inf") for f in runs}
+  for _ in range(args.repeats):
+    for f, r in runs.items():
+      t0 = time.perf_counter()
+      r["run"](1)
+      t1 = time.perf_counter()
+      r["run"](NEW)
+      t2 = time.perf_counter()
+      best[f] = min(best[f], (t2 - t1) - (t1 - t0))
+  ref = runs.get("float32", next(iter(runs.values())))["tokens"]
+  base = (NEW - 1) / best.get("packed-float32", next(iter(best.values())))
+  for row in rows:
+    f = row["format"]
+    toks = runs[f]["tokens"]
+    same = [a == b for a, b in zip(toks, ref)]
+    row["agree_prefix"] = (same + [False]).index(False) / len(ref)
+    row["agree_all"] = float(np.mean(same))
+    row["decode_tok_s"] = (NEW - 1) / best[f]
+    row["vs_packed_f32"] = row["decode_tok_s"] / base
+    if "packed-bfloat16" in best:
+      row["vs_packed_bf16"] = row["decode_tok_s"] * best["packed-bfloat16"] / (NEW - 1)
+    row["roofline_tok_s"] = bandwidth / (row["MB"] * 1e6)
+  cols = ["format", "MB", "perplexity", "agree_prefix", "agree_all", "decode_tok_s",
+          "vs_packed_f32", "vs_packed_bf16", "roofline_tok_s"]
+  print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; load {load0} -> {os.getloadavg()}")
+  print(common.table(rows, cols))
+  path = common.write(args.name, {"rows": rows, "bandwidth_bytes_per_s": bandwidth,
+                                "load_start": load0, "load_end": os.getloadavg()})
+  print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()

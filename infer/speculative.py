@@ -1,0 +1,488 @@
+"""Speculative decoding: a cheap drafter proposes k tokens, the model checks them in one pass.
+
+Leviathan et al., 2023, "Fast Inference from Transformers via Speculative Decoding"; Chen et
+al., 2023, "Accelerating Large Language Model Decoding with Speculative Sampling". Each round,
+per row:
+
+1. the drafter proposes d_1..d_k: a smaller `CausalLM` with the same vocabulary, decoding from
+   its own KV cache with the request's sampler (distributions q_1..q_k), or "ngram", prompt
+   lookup (Saxena, 2023): the tokens that followed the latest earlier occurrence of the
+   row's last n tokens (n = 3, 2, 1), a point mass q;
+2. the target scores its last token and the k drafts in one forward pass over its cache:
+   distributions p_1..p_{k+1};
+3. `accept`: d_i is kept with probability min(1, p_i(d_i) / q_i(d_i)) while all before it were;
+   at the first rejection a token is drawn from normalize(max(0, p_i - q_i)), and when all k
+   are kept a bonus token from p_{k+1}. p and q are the *sampler's* distributions
+   (temperature, top-k, top-p: `infer.sampling.filter_logits`), so every emitted token has
+   exactly the target sampler's distribution. A greedy row (temperature 0) has one-hot p and q:
+   drafts are kept while they equal the target's argmax, and the argmax follows: the same
+   tokens as plain greedy decoding (up to float rounding between a k+1-token and a 1-token
+   forward, which can only matter at exact ties);
+4. both caches roll back to the tokens kept (per-row `lengths`; stale slots are overwritten
+   later and never attended), EOS / stop sequences / stop strings / `max_new_tokens` are
+   checked token by token as in `infer.decode`.
+
+All of it runs in one jitted `lax.while_loop` per (target, drafter, plan, k). Seeds give each
+row its own keys (as in `infer.decode`), but a sampled row's draws differ from plain
+decoding's for the same seed: the distribution is the same, not the sample path.
+
+The result (`SpeculativeResult`) also reports the acceptance rate (drafts kept / drafts
+proposed) and the mean accepted length (drafts kept per round; each round emits that + 1).
+`run` is also the path of `prefix_cache=` (`infer.prefix_cache`), with or without a drafter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+import lmjax
+from infer import decode, sampling
+from infer import prefix_cache as pc_lib
+from infer.requests import Request, is_int, round_up
+from lmjax import packed as packed_lib
+
+Array = jax.Array
+
+__all__ = ["SpeculativeResult", "accept", "ngram_propose", "sampler_probs", "run"]
+
+NGRAM = 3  # longest n-gram "ngram" drafting matches
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeResult(decode.GenerateResult):
+  """A `GenerateResult` plus the drafter's statistics.
+
+  Attributes:
+    acceptance_rate: drafts kept / drafts proposed, over every row's rounds.
+    mean_accepted_length: drafts kept per checked round (0..k); such a round emits this + 1.
+    rounds: per sequence, the target's forward passes after the prefill (rounds that checked
+      k drafts, and "ngram" rounds where no row had a match: one plain decoding step).
+    accepted: per sequence, the drafts kept.
+    drafted: per sequence, the drafts proposed (k per checked round).
+  """
+
+  acceptance_rate: float = 0.0
+  mean_accepted_length: float = 0.0
+  rounds: list[int] | None = None
+  accepted: list[int] | None = None
+  drafted: list[int] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecPlan:
+  plan: Any  # infer.requests.Plan
+  k: int
+  drafter: str  # "ngram" | "model"
+
+
+# ------------------------------------------------------------------------------ the rule
+
+
+def sampler_probs(logits: Array, consts: dict, flags: dict) -> Array:
+  """The sampler's distributions of `[R, T, V]` logits: softmax of the temperature / top-k /
+  top-p filtered logits, one-hot at the argmax in rows with temperature 0."""
+  r, t, v = logits.shape
+  flat = logits.reshape(r * t, v).astype(jnp.float32)
+  temp = jnp.repeat(consts["temperature"], t)
+  x = sampling.filter_logits(flat, temp, jnp.repeat(consts["top_k"], t),
+                             jnp.repeat(consts["top_p"], t), use_top_k=flags["use_top_k"],
+                             use_top_p=flags["use_top_p"])
+  onehot = jax.nn.one_hot(jnp.argmax(flat, axis=-1), v, dtype=jnp.float32)
+  return jnp.where((temp > 0)[:, None], jax.nn.softmax(x, axis=-1), onehot).reshape(r, t, v)
+
+
+def accept(p: Array, q: Array, drafts: Array, u: Array, keys: Array) -> tuple[Array, Array]:
+  """The rejection rule of speculative sampling, per row.
+
+  Args:
+    p: `[R, k + 1, V]` the target's distributions at the k drafts and after the last.
+    q: `[R, k, V]` the drafter's distributions the drafts were drawn from.
+    drafts: `[R, k]` int32.
+    u: `[R, k]` uniforms in [0, 1).
+    keys: `[R]` PRNG keys for the token after the kept drafts.
+
+  Returns:
+    `(n, token)`: `[R]` drafts kept (the leading run with u < p(d) / q(d)), and the next token:
+    from normalize(max(0, p_{n+1} - q_{n+1})) after a rejection, from p_{k+1} when all were
+    kept.
+  """
+  k = drafts.shape[1]
+  pd = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]
+  qd = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+  ok = u * qd < pd
+  n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+  qx = jnp.concatenate([q, jnp.zeros_like(p[:, :1])], axis=1)
+  pick = lambda x: jnp.take_along_axis(x, n[:, None, None], axis=1)[:, 0]  # noqa: E731
+  res = pick(jnp.maximum(p - qx, 0.0))
+  res = jnp.where(jnp.sum(res, axis=-1, keepdims=True) > 0, res, pick(p))
+  token = jax.vmap(jax.random.categorical)(keys, jnp.log(res)).astype(jnp.int32)
+  return n, token
+
+
+def ngram_propose(hist: Array, hlen: Array, k: int, max_n: int = NGRAM) -> tuple[Array, Array]:
+  """Prompt-lookup drafts `[R, k]`: the k tokens after the latest earlier occurrence of each
+  row's last n tokens in `hist` `[R, S]` (its first `hlen` `[R]` are real), the longest n in
+  max_n..1 that occurs; the last token repeated where none does. Also `[R]` bool: a match was
+  found."""
+  r, s = hist.shape
+  pos = jnp.arange(s)[None, :]
+  padded = jnp.pad(hist, ((0, 0), (0, max_n)), constant_values=-1)
+  start = jnp.full((r,), -1, jnp.int32)
+  for g in range(max_n, 0, -1):
+    tail = jnp.take_along_axis(hist, jnp.clip(hlen[:, None] - g + jnp.arange(g)[None], 0, s - 1), 1)
+    match = (pos + g < hlen[:, None]) & (hlen[:, None] > g)
+    for i in range(g):
+      match = match & (padded[:, i:i + s] == tail[:, i:i + 1])
+    found = jnp.max(jnp.where(match, pos, -1), axis=1)
+    start = jnp.where((start < 0) & (found >= 0), found + g, start)
+  idx = jnp.where(start[:, None] >= 0, start[:, None] + jnp.arange(k)[None], hlen[:, None] - 1)
+  return jnp.take_along_axis(hist, jnp.minimum(idx, hlen[:, None] - 1), axis=1), start >= 0
+
+
+# -------------------------------------------------------------------------- the loop
+
+
+class SpecDecoder:
+  """The jitted speculative loop of one target, drafter and plan (`run`)."""
+
+  def __init__(self, model, draft_model, splan: SpecPlan):
+    self.splan, self.plan = splan, splan.plan
+    self.target = decode.decoder_for(model, splan.plan)
+    self.draft = None if draft_model is None else decode.decoder_for(draft_model, splan.plan)
+    self.run = jax.jit(self._run)
+
+  def _keys(self, consts, t, n):
+    def one(s, r, j):
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(
+          jax.random.key(s), r), j), t)
+      return jax.random.split(key, n)
+    return jax.vmap(one)(consts["seeds"], consts["ridx"], consts["sidx"])  # [R, n]
+
+  def _record(self, state, cand, m, logits, consts):
+    """Emits `cand[:, j]` for j < m (`[R]`), token by token, with the end checks."""
+    p, rows = self.plan, jnp.arange(self.plan.rows)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    lps = jnp.take_along_axis(logp, cand[..., None], axis=-1)[..., 0]
+    s = dict(state)
+    big = s["out"].shape[1] + s["hist"].shape[1]  # out of range: the write is dropped
+    for j in range(cand.shape[1]):
+      active = ~s["done"] & (j < m)
+      tok = jnp.where(active, cand[:, j], consts["pad"])
+      is_eos, is_stop, s["recent"], tail = decode.end_checks(p, consts, tok, active, s["recent"],
+                                                             s.get("tail"))
+      if tail is not None:
+        s["tail"] = tail
+      at_len = (s["n"] + 1 >= consts["max_new"]) & active & ~is_eos & ~is_stop
+      s["reason"] = jnp.where(is_eos, decode._EOS, jnp.where(is_stop, decode._STOP, jnp.where(
+          at_len, decode._LENGTH, s["reason"]))).astype(jnp.int32)
+      s["done"] = s["done"] | is_eos | is_stop | at_len
+      at = jnp.where(active, s["n"], big)
+      s["out"] = s["out"].at[rows, at].set(tok, mode="drop")
+      s["lp"] = s["lp"].at[rows, at].set(lps[:, j], mode="drop")
+      if p.return_logits:
+        s["logits"] = s["logits"].at[rows, at].set(logits[:, j].astype(jnp.float32),
+                                                   mode="drop")
+      s["hist"] = s["hist"].at[rows, jnp.where(active, s["hlen"], big)].set(tok, mode="drop")
+      s["hlen"] = s["hlen"] + active.astype(jnp.int32)
+      s["n"] = s["n"] + active.astype(jnp.int32)
+    return s
+
+  def _start(self, params, dparams, inputs, consts):
+    p, k = self.plan, self.splan.k
+    r, n = p.rows, p.samples
+    logits, cache = self.target._prefill(params, inputs)
+    base = {x: inputs[x] for x in ("tokens", "segment_ids", "lengths")}
+    toks = base["tokens"]
+    hist = jnp.full((r, toks.shape[1] + p.buffer + k + 1), consts["pad"], jnp.int32)
+    hist = hist.at[:, :toks.shape[1]].set(jnp.repeat(jnp.asarray(toks, jnp.int32), n, axis=0))
+    state = {
+        "t": jnp.int32(0), "cache": cache, "hist": hist,
+        "hlen": jnp.repeat(jnp.asarray(base["lengths"], jnp.int32), n),
+        "out": jnp.full((r, p.buffer + k + 1), consts["pad"], jnp.int32),
+        "lp": jnp.zeros((r, p.buffer + k + 1), jnp.float32),
+        "done": jnp.zeros((r,), bool), "reason": jnp.zeros((r,), jnp.int32),
+        "n": jnp.zeros((r,), jnp.int32), "rounds": jnp.zeros((r,), jnp.int32),
+        "accepted": jnp.zeros((r,), jnp.int32), "drafted": jnp.zeros((r,), jnp.int32),
+        "recent": jnp.full((r, p.stop_shape[1]), -1, jnp.int32),
+    }
+    if self.draft is not None:
+      state["dcache"] = self.draft._prefill(dparams, base)[1]
+    if p.text_stops[0]:
+      state["tail"] = jnp.full((r, p.text_stops[1]), -1, jnp.int32)
+    if p.return_logits:
+      state["logits"] = jnp.zeros((r, p.buffer + k + 1, logits.shape[-1]), jnp.float32)
+    key = self._keys(consts, 0, 1)[:, 0]
+    tok = sampling.sample_logits(logits, key, consts["temperature"], consts["top_k"],
+                                 consts["top_p"], **dict(p.flags))
+    state = self._record(state, tok[:, None], jnp.ones((r,), jnp.int32), logits[:, None], consts)
+    state["t"] = jnp.int32(1)
+    return state
+
+  def _draft_model(self, dparams, state, consts, keys):
+    """k drafts `[R, k]` and their logits `[R, k, V]` from the draft model; its cache."""
+    flags, rows = dict(self.plan.flags), self.plan.rows
+    dc, hist, hlen = state["dcache"], state["hist"], state["hlen"]
+    lag = hlen - 1 - dc.lengths  # 1 after a round that kept every draft: d_k not yet fed
+    two = lag == 1
+    at = lambda i: jnp.take_along_axis(hist, jnp.maximum(i, 0)[:, None], 1)[:, 0]  # noqa: E731
+    last, prev = at(hlen - 1), at(hlen - 2)
+    toks = jnp.stack([jnp.where(two, prev, last), jnp.where(two, last, consts["pad"])], axis=1)
+    seg = jnp.stack([jnp.ones_like(lag), two.astype(jnp.int32)], axis=1)
+    logits, dc = self.draft._apply(dparams, toks, segment_ids=seg, cache=dc)
+    ql = jnp.take_along_axis(logits, lag[:, None, None], axis=1)[:, 0]
+
+    def draw(ql, key):
+      return sampling.sample_logits(ql, key, consts["temperature"], consts["top_k"],
+                                    consts["top_p"], **flags)
+    d = draw(ql, keys[:, 0])
+
+    def body(carry, xs):
+      dc, d = carry
+      key, i = xs
+      one = decode.in_loop(dparams, rows, state["t"] * self.splan.k + i)
+      logits, dc = self.draft._apply(one, d[:, None], cache=dc)
+      d2 = draw(logits[:, 0], key)
+      return (dc, d2), (d2, logits[:, 0])
+    steps = jnp.arange(keys.shape[1] - 1, dtype=jnp.int32)
+    (dc, _), (ds, qls) = jax.lax.scan(body, (dc, d), (jnp.swapaxes(keys[:, 1:], 0, 1), steps))
+    drafts = jnp.concatenate([d[:, None], jnp.swapaxes(ds, 0, 1)], axis=1)
+    qlogits = jnp.concatenate([ql[:, None], jnp.swapaxes(qls, 0, 1)], axis=1)
+    return drafts, qlogits, dc
+
+  def _round(self, params, wide, dparams, state, consts):
+    """One round: drafts, then the target's check of all of them in one forward pass (`wide`:
+    the target's params for that multi-token pass). With "ngram" drafting a round where no row
+    found its n-gram is one plain decoding step (nothing to check, no k + 1-token pass)."""
+    k = self.splan.k
+    keys = self._keys(consts, state["t"], k + 2)
+    hist, hlen = state["hist"], state["hlen"]
+    if self.draft is not None:
+      drafts, qlogits, dc = self._draft_model(dparams, state, consts, keys[:, :k])
+      s = self._verify(wide, state, consts, keys, drafts, qlogits)
+      s["dcache"] = dc.replace(lengths=jnp.where(~state["done"], hlen + jnp.minimum(
+          s["accepted"] - state["accepted"], k - 1), state["dcache"].lengths))
+      return s
+    drafts, found = ngram_propose(hist, hlen, k)
+    return jax.lax.cond(
+        jnp.any(found & ~state["done"]),
+        lambda st: self._verify(wide, st, consts, keys, drafts, None),
+        lambda st: self._single(params, st, consts, keys[:, k + 1]), state)
+
+  def _single(self, params, state, consts, key):
+    """A plain decoding step (one token per row) inside the speculative loop."""
+    p = self.plan
+    last = jnp.take_along_axis(state["hist"], (state["hlen"] - 1)[:, None], 1)
+    logits, cache = self.target._apply(decode.in_loop(params, p.rows, state["t"]), last,
+                                       cache=state["cache"])
+    tok = sampling.sample_logits(logits[:, 0], key, consts["temperature"], consts["top_k"],
+                                 consts["top_p"], **dict(p.flags))
+    old, alive = state["cache"].lengths, ~state["done"]
+    s = dict(state, cache=cache.replace(lengths=jnp.where(alive, old + 1, old)))
+    s["rounds"] = state["rounds"] + alive.astype(jnp.int32)
+    s = self._record(s, tok[:, None], jnp.ones_like(old), logits, consts)
+    s["t"] = state["t"] + 1
+    return s
+
+  def _verify(self, params, state, consts, keys, drafts, qlogits):
+    """The target scores the last token and the k `drafts` in one pass; the rule keeps some."""
+    p, k = self.plan, self.splan.k
+    flags = dict(p.flags)
+    hist, hlen, alive = state["hist"], state["hlen"], ~state["done"]
+    last = jnp.take_along_axis(hist, (hlen - 1)[:, None], 1)[:, 0]
+    old = state["cache"].lengths
+    logits, cache = self.target._apply(params, jnp.concatenate([last[:, None], drafts], 1),
+                                       cache=state["cache"])
+    if flags["greedy"]:
+      best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      n = jnp.sum(jnp.cumprod((best[:, :k] == drafts).astype(jnp.int32), axis=1), axis=1)
+      nxt = jnp.take_along_axis(best, n[:, None], axis=1)[:, 0]
+    else:
+      pr = sampler_probs(logits, consts, flags)
+      if qlogits is None:
+        q = jax.nn.one_hot(drafts, logits.shape[-1], dtype=jnp.float32)
+      else:
+        q = sampler_probs(qlogits, consts, flags)
+      u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(keys[:, k])
+      n, nxt = accept(pr, q, drafts, u, keys[:, k + 1])
+    j = jnp.arange(k + 1)[None, :]
+    padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)
+    cand = jnp.where(j < n[:, None], padded, nxt[:, None])
+    s = dict(state, cache=cache.replace(lengths=jnp.where(alive, old + n + 1, old)))
+    s["rounds"] = state["rounds"] + alive.astype(jnp.int32)
+    s["drafted"] = state["drafted"] + jnp.where(alive, k, 0)
+    s["accepted"] = state["accepted"] + jnp.where(alive, n, 0)
+    s = self._record(s, cand, n + 1, logits, consts)
+    s["t"] = state["t"] + 1
+    return s
+
+  def _run(self, params, dparams, inputs, consts):
+    state = self._start(params, dparams, inputs, consts)
+    wide = widened(params)
+
+    def cond(s):
+      return (s["t"] <= consts["max_new"]) & ~jnp.all(s["done"])
+    return jax.lax.while_loop(
+        cond, lambda s: self._round(params, wide, dparams, s, consts), state)
+
+
+def widened(params):
+  """The params the k + 1-token check reads: bfloat16 `lmjax.packed` weights widened to float32
+  once, before the loop (a multi-row product cannot widen inside its loop on XLA's CPU
+  backend: it would write float32 copies every round); anything else as it is."""
+  if not isinstance(params, packed_lib.PackedParams) or params.fmt == "float32":
+    return params
+  flat = flatten_dict(params.tree)
+  for path, *_ in params.packed:
+    flat[path] = packed_lib.widen(flat[path])
+  for path in flat:
+    if path[-2:] == ("embed", "embedding"):
+      flat[path] = packed_lib.widen(flat[path])
+  return params.replace(tree=unflatten_dict(flat), fmt="float32")
+
+
+_DECODERS: dict = {}
+
+
+def decoder_for(model, draft_model, splan: SpecPlan) -> SpecDecoder:
+  key = (type(model), model.config, None if draft_model is None else draft_model.config, splan)
+  dec = _DECODERS.pop(key, None) or SpecDecoder(model, draft_model, splan)
+  _DECODERS[key] = dec
+  while len(_DECODERS) > 16:
+    _DECODERS.pop(next(iter(_DECODERS)))
+  return dec
+
+
+# ------------------------------------------------------------------------------ entry
+
+
+def check_draft(model, draft, k, tokenizer=None):
+  """`(draft_model, draft_params)` or ("ngram", None, None) after the checks (ValueError)."""
+  if not is_int(k) or k < 1:
+    raise ValueError(f"num_draft_tokens={k!r} must be an int >= 1")
+  if not isinstance(model, lmjax.CausalLM):
+    raise ValueError(f"speculative decoding needs an lmjax.CausalLM target, not "
+                     f"{type(model).__name__}")
+  if isinstance(draft, str):
+    if draft != "ngram":
+      raise ValueError(f"draft={draft!r}: give 'ngram' or a (draft_model, draft_params) pair")
+    return "ngram", None
+  if not isinstance(draft, tuple | list) or len(draft) not in (2, 3):
+    raise ValueError("draft must be 'ngram', (draft_model, draft_params) or (draft_model, "
+                     f"draft_params, draft_tokenizer), got {type(draft).__name__}")
+  dmodel, dparams = draft[0], decode.unwrap_params(draft[1])
+  if not isinstance(dmodel, lmjax.CausalLM):
+    raise ValueError(f"the draft model must be an lmjax.CausalLM, not {type(dmodel).__name__}")
+  dv, tv = dmodel.config.vocab_size, model.config.vocab_size
+  if dv != tv:
+    raise ValueError(f"the draft model's vocabulary ({dv} ids) is not the target's ({tv} ids); "
+                     "a drafter must share the target's tokenizer")
+  if len(draft) == 3 and tokenizer is not None and draft[2] is not tokenizer:
+    from infer import stops
+    if stops.vocab_bytes(draft[2], tv) != stops.vocab_bytes(tokenizer, tv):
+      raise ValueError("the draft tokenizer's tokens differ from the target tokenizer's; a "
+                       "drafter must share the target's tokenizer")
+  return dmodel, dparams
+
+
+def _with_room(model, req: Request, k: int, cache_size, draft_model) -> Request:
+  """The request with a cache that holds k more slots (the last round's drafts)."""
+  p = req.plan
+  need = max(map(len, req.prompts)) + req.max_new_tokens + k
+  for m in (model, draft_model):
+    if m is not None and m.config.position == "learned" and need > m.config.max_len:
+      raise ValueError(f"the longest prompt + max_new_tokens + num_draft_tokens = {need} passes "
+                       f"a model's learned positions (max_len={m.config.max_len})")
+  if p.cache_len >= need:
+    return req
+  if cache_size is not None:
+    raise ValueError(f"cache_size={cache_size} is too small for speculative decoding: the "
+                     f"longest prompt + max_new_tokens + num_draft_tokens need {need} slots")
+  return dataclasses.replace(req, plan=dataclasses.replace(p, cache_len=round_up(need, 64)))
+
+
+def run(model, params, req: Request, tokenizer, *, draft=None, k: int = 4, prefix_cache=None,
+        cache_size=None) -> decode.GenerateResult:
+  """`infer.generate`'s path with a drafter and/or a prefix cache (arguments as there)."""
+  dmodel, dparams = (None, None) if draft is None else check_draft(model, draft, k, tokenizer)
+  check_prefix_cache(model, prefix_cache)
+  if draft is not None:
+    req = _with_room(model, req, k, cache_size, None if dmodel == "ngram" else dmodel)
+  params = decode.unwrap_params(params)
+  inputs, used, salt = cached_inputs(model, params, req, prefix_cache)
+  if draft is None:
+    state = decode.decoder_for(model, req.plan).run(params, inputs, req.consts)
+  else:
+    splan = SpecPlan(req.plan, int(k), "ngram" if dmodel == "ngram" else "model")
+    dec = decoder_for(model, None if dmodel == "ngram" else dmodel, splan)
+    state = dec.run(params, None if dmodel == "ngram" else dparams, inputs, req.consts)
+  result = decode.collect(req, state, tokenizer)
+  store(prefix_cache, salt, req, state["cache"], result.tokens, used)
+  if draft is None:
+    return result
+  rounds, acc, drafted = jax.device_get((state["rounds"], state["accepted"], state["drafted"]))
+  return SpeculativeResult(
+      **{f.name: getattr(result, f.name) for f in dataclasses.fields(result)},
+      acceptance_rate=float(np.sum(acc)) / max(int(np.sum(drafted)), 1),
+      mean_accepted_length=float(np.sum(acc)) * k / max(int(np.sum(drafted)), 1),
+      rounds=[int(x) for x in rounds], accepted=[int(x) for x in acc],
+      drafted=[int(x) for x in drafted])
+
+
+def check_prefix_cache(model, prefix_cache) -> None:
+  """ValueError, before compute, for a `prefix_cache` that is not a `PrefixCache` for `model`."""
+  if prefix_cache is not None:
+    if not isinstance(prefix_cache, pc_lib.PrefixCache):
+      raise ValueError(f"prefix_cache must be an infer.PrefixCache, got {prefix_cache!r:.60}")
+    prefix_cache.check_model(model)
+
+
+def cached_inputs(model, params, req: Request, prefix_cache) -> tuple[dict, set, bytes | None]:
+  """The loop's inputs with the prompts' cached prefixes (shared prefixes of the batch
+  prefilled once first), the keys used and the salt; `req.inputs` without a cache."""
+  if prefix_cache is None:
+    return req.inputs, set(), None
+  salt = pc_lib.salt(model, params)
+  for ids in prefix_cache.shared_prefixes(salt, req.prompts):
+    if not prefix_cache.has(salt, ids):
+      _fill(model, params, prefix_cache, salt, ids, req)
+  extra, used = prefix_cache.inputs(model.config, salt, req.prompts, req.pad_id)
+  return dict(req.inputs, **(extra or {})), used, salt
+
+
+def store(prefix_cache, salt, req: Request, cache, tokens, used) -> None:
+  """Stores each prompt's blocks, and with one sample per prompt also those of its new tokens
+  but the last (their KV is in the final cache too): a chat's next turn, which starts with
+  this prompt and answer, prefills only its own new text."""
+  if prefix_cache is None:
+    return
+  n = req.plan.samples
+  ids = [list(p) + (list(tokens[i * n][:-1]) if n == 1 else [])
+         for i, p in enumerate(req.prompts)]
+  prefix_cache.store(salt, ids, cache, [i * n for i in range(req.plan.batch)], used)
+
+
+_FILLS: dict = {}
+
+
+def _fill(model, params, cache, salt, ids, req: Request) -> None:
+  """Prefills one shared prefix (batch 1) and stores its blocks."""
+  plan = dataclasses.replace(req.plan, batch=1, samples=1,
+                             cache_len=round_up(len(ids), 64), return_logits=False)
+  dec = decode.decoder_for(model, plan)
+  fn = _FILLS.get(id(dec))
+  if fn is None or fn[0] is not dec:
+    fn = (dec, jax.jit(dec._prefill))
+    _FILLS[id(dec)] = fn
+  tokens = np.full((1, max(16, round_up(len(ids), 16))), req.pad_id, np.int32)
+  tokens[0, :len(ids)] = ids
+  seg = (np.arange(tokens.shape[1]) < len(ids))[None].astype(np.int32)
+  inputs = {"tokens": tokens, "segment_ids": seg, "lengths": np.asarray([len(ids)], np.int32)}
+  extra, used = cache.inputs(model.config, salt, [ids], req.pad_id, count=False)
+  _, kv = fn[1](params, dict(inputs, **(extra or {})))
+  cache.store(salt, [ids], kv, [0], used)

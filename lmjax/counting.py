@@ -36,8 +36,11 @@ def init_fn(config: TransformerConfig, seed: int = 0):
 
 
 def abstract_params(config: TransformerConfig):
-  """The params tree of `model_for(config)` as `jax.ShapeDtypeStruct`s (no memory used)."""
-  return nn.meta.unbox(jax.eval_shape(init_fn(config)))
+  """The params tree of `model_for(config)` as `jax.ShapeDtypeStruct`s (no memory used).
+
+  Traced with the reference attention: params do not depend on the attention kernel, so a
+  config naming one not registered in this process (`"flash"`) still counts."""
+  return nn.meta.unbox(jax.eval_shape(init_fn(config.replace(attention="reference"))))
 
 
 def count_params(params_or_config) -> int:

@@ -334,14 +334,15 @@ def _transformer_base() -> RunConfig:
       train=TrainConfig(steps=500_000, eval_every=5000, eval_batches=50, log_every=100))
 
 
-def _llama_class(model: str, *, seq_len: int, batch_size: int, learning_rate: float,
-                 attention: str = "reference") -> Callable[[], RunConfig]:
+def _llama_class(model: str, *, seq_len: int, batch_size: int,
+                 learning_rate: float) -> Callable[[], RunConfig]:
   """Pretraining of a Llama-class shape on a TPU slice or GPU hosts (`python -m train.plan`
   sizes the mesh first): bfloat16 compute with float32 params and AdamW state, full remat,
-  scanned layers, fsdp over the remaining devices; `batch_size` rows per host."""
+  scanned layers, the flash kernel (no T x T scores), fsdp over the remaining devices;
+  `batch_size` rows per host."""
   def make() -> RunConfig:
     cfg = TransformerConfig.from_preset(model, max_len=seq_len, remat_policy="full",
-                                        scan_layers=True, attention=attention)
+                                        scan_layers=True, attention="flash")
     return RunConfig(
         model=cfg,
         data=DataConfig(source="tfds:c4/en", objective="causal_lm", seq_len=seq_len,
@@ -367,9 +368,9 @@ PRESETS = {"demo": _demo, "gpt2-124m": _gpt2, "bert-base": _bert,
                                         learning_rate=1.5e-4),
            "qwen2.5-7b": _llama_class("qwen2.5-7b", seq_len=8192, batch_size=16,
                                       learning_rate=3e-4),
-           # Long context: 64K tokens a row through the flash kernel (no T x T scores).
+           # Long context: 64K tokens a row.
            "llama3.1-8b-64k": _llama_class("llama3.1-8b", seq_len=65536, batch_size=8,
-                                           learning_rate=3e-5, attention="flash")}
+                                           learning_rate=3e-5)}
 
 
 def preset(name: str) -> RunConfig:

@@ -42,6 +42,10 @@ def _rope(d: dict, where: str) -> dict[str, Any]:
     raise ValueError(f"{where} uses rotary scaling {kind!r}; supported: plain ('default') and "
                      "'llama3'")
   s = {**scaling, **params}
+  need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+  missing = [k for k in need if k not in s]
+  if missing:
+    raise ValueError(f"{where}: rotary scaling 'llama3' without {missing}; it needs {list(need)}")
   return {"rope_theta": theta, "rope_scaling": "llama3",
           "rope_scaling_factor": float(s["factor"]),
           "rope_low_freq_factor": float(s["low_freq_factor"]),

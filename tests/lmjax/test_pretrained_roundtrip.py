@@ -176,8 +176,10 @@ def test_folder_errors_name_what_was_found(tmp_path):
   for change, msg in [({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"},
                        r"architecture 'GPT2LMHeadModel' \(model_type 'gpt2'\); supported: "
                        r"\['LlamaForCausalLM'"),
+                      ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5}},
+                       "rotary scaling 'yarn'; supported: plain"),
                       ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}},
-                       "rotary scaling 'llama3'; only plain"),
+                       r"rotary scaling 'llama3' without \['factor'"),
                       ({"attention_bias": True}, "only bias-free Llama")]:
     (out / "config.json").write_text(json.dumps({**conf, **change}))
     with pytest.raises(ValueError, match=msg):

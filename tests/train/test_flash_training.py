@@ -41,7 +41,7 @@ def _train(config, data, mesh=None):
   trainer = pretrain.build_trainer(config, mesh)
   state = trainer.init_state()
   with jax.set_mesh(trainer.mesh), attention_scope(trainer.model)():
-    jaxpr = trainer._step.trace(state, np.int32(0), trainer.place(data[0])).jaxpr
+    jaxpr = trainer._step.trace(state, np.int32(0), trainer.place(data[0]), None).jaxpr
   out = {"loss": [], "grad_norm": [], "params": []}
   for i, batch in enumerate(data):
     state, m = trainer.train_step(state, i, batch)
@@ -129,7 +129,7 @@ def test_flash_train_step_lowers_for_hardware_over_a_mesh(data_dirs, platform,  
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding)
            for k, v in _batches(config, 1)[0].items()}
   with jax.set_mesh(trainer.mesh), attention_scope(trainer.model)():
-    traced = trainer._step.trace(trainer.abstract_state, np.int32(0), batch)
+    traced = trainer._step.trace(trainer.abstract_state, np.int32(0), batch, None)
   text = traced.lower(lowering_platforms=(platform,)).as_text()
   target = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
   assert text.count(f"custom_call @{target}") == 3 * 2  # fwd, dq and dk/dv in 2 layers

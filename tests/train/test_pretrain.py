@@ -25,8 +25,8 @@ def test_presets_construct_and_validate(name):
   assert n > 1e6
   if name == "gpt2-124m":
     assert n == 124_439_808 and config.data.source == "tfds:lm1b"
-  expected = {"demo": "causal_lm", "gpt2-124m": "causal_lm", "bert-base": "masked_lm",
-              "transformer-base": "span_corruption"}[name]
+  expected = {"bert-base": "masked_lm", "transformer-base": "span_corruption"}.get(
+      name, "causal_lm")
   assert config.data.objective == expected
   json.dumps(config.to_dict())  # config.json is plain JSON.
 
@@ -202,7 +202,7 @@ def test_demo_is_the_default(monkeypatch):
 @pytest.mark.parametrize("item, message", [
     ("train.stpes=3", r"unknown config key 'train.stpes': 'train' has keys \[.*'steps'"),
     ("modle.model_dim=3", r"unknown config key 'modle.model_dim': the run config has keys "
-                          r"\['checkpoint', 'data', 'mesh', 'model'"),
+                          r"\['checkpoint', 'data', 'eval', 'mesh', 'model'"),
     ("train.steps=ten", r"train.steps must be an int, got 'ten'"),
     ("train.steps=1.5", r"train.steps must be an int, got '1.5'"),
     ("optimizer.learning_rate=fast", r"optimizer.learning_rate must be a float"),

@@ -77,3 +77,24 @@ def _fmt(v) -> str:
   if isinstance(v, float):
     return f"{v:.4g}"
   return "" if v is None else str(v)
+
+
+def train_steps(trainer, state, batches, steps: int, warmup: int,
+                real_tokens=lambda b: int((b["segment_ids"] > 0).sum())) -> tuple[dict, list]:
+  """Times `steps + warmup` steps of an lmjax `Trainer` on `batches`.
+
+  Returns the figures over the steps after `warmup` (real tokens/s by `real_tokens(batch)`, s per
+  step, the per-step mean losses) and each step's metrics (host copies).
+  """
+  metrics, times, real = [], [], []
+  for i in range(steps + warmup):
+    b = next(batches)
+    t0 = time.perf_counter()
+    state, m = trainer.train_step(state, i, b)
+    metrics.append(jax.device_get(m))
+    times.append(time.perf_counter() - t0)
+    real.append(real_tokens(b))
+  t, n = sum(times[warmup:]), sum(real[warmup:])
+  losses = [float(m["loss_sum"] / m["tokens"]) for m in metrics]
+  return ({"tokens_per_s": n / t, "step_s": t / steps, "real_tokens_per_step": n / steps,
+           "loss_step1": losses[0], "losses": losses}, metrics)

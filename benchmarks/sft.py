@@ -30,7 +30,6 @@ import importlib.util
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
@@ -38,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import hf_reference  # noqa: E402
 
 import lmjax  # noqa: E402
 from train import chat_data, sft  # noqa: E402
@@ -52,73 +52,31 @@ def lmjax_run(params, tok, examples, seq_len, batch, steps, warmup, pack):
   trainer = job_lib.build_trainer(sft.JOB, config)
   state = job_lib.state_from_params(trainer, params)
   batches = sft.make_batches(config, tok, "train", examples)
-  losses, times, real = [], [], []
-  for i in range(steps + warmup):
-    b = next(batches)
-    t0 = time.perf_counter()
-    state, m = trainer.train_step(state, i, b)
-    m = jax.device_get(m)
-    times.append(time.perf_counter() - t0)
-    losses.append(float(m["loss_sum"] / m["tokens"]))
-    real.append(int((b["segment_ids"] > 0).sum()))
-  t, n = sum(times[warmup:]), sum(real[warmup:])
-  return {"tokens_per_s": n / t, "step_s": t / steps, "real_tokens_per_step": n / steps,
-          "loss_step1": losses[0], "losses": losses, "cfg": config.model}
+  out, _ = common.train_steps(trainer, state, batches, steps, warmup)
+  return {**out, "cfg": config.model}
 
 
 def trl_run(folder, examples, seq_len, batch, steps, warmup):
-  import torch
   from datasets import Dataset
-  from torch.utils.data import SequentialSampler
-  from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+  from transformers import AutoTokenizer
   from trl import SFTConfig, SFTTrainer
 
   rows = []
   for e in examples:
     ids = np.r_[e["inputs"], e["targets"][-1]].tolist()
     rows.append({"input_ids": ids, "completion_mask": [0, *e["loss_mask"].astype(int).tolist()]})
-  ds = Dataset.from_list(rows)
-  model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                               attn_implementation="eager")
-  tok = AutoTokenizer.from_pretrained(folder)
-
-  class Timer(TrainerCallback):
-    def __init__(self):
-      self.t, self.times, self.losses = None, [], {}
-
-    def on_step_begin(self, args, state, control, **kw):
-      self.t = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-      self.times.append(time.perf_counter() - self.t)
-
-    def on_log(self, args, state, control, logs=None, **kw):
-      if logs and "loss" in logs:
-        self.losses[state.global_step] = logs["loss"]
-
-  class InOrder(SFTTrainer):
-    def _get_train_sampler(self, *a, **kw):
-      return SequentialSampler(self.train_dataset)
-
-  timer = Timer()
+  timer = hf_reference.step_timer()
   with tempfile.TemporaryDirectory() as out:
-    args = SFTConfig(output_dir=out, per_device_train_batch_size=batch, max_length=seq_len + 1,
-                     max_steps=steps + warmup, learning_rate=5e-5, lr_scheduler_type="constant",
-                     weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0, logging_steps=1,
-                     report_to=[], completion_only_loss=True, packing=False, save_strategy="no",
-                     use_cpu=True, bf16=False, fp16=False, seed=0, dataloader_num_workers=0,
-                     disable_tqdm=True)
-    trainer = InOrder(model=model, args=args, train_dataset=ds, processing_class=tok,
-                      callbacks=[timer])
-    lens = []
-    for b in trainer.get_train_dataloader():
-      lens.append(int(b["attention_mask"].sum()))
-      if len(lens) == steps + warmup:
-        break
+    args = hf_reference.args(SFTConfig, out, batch=batch, steps=steps + warmup,
+                             learning_rate=5e-5, max_length=seq_len + 1,
+                             completion_only_loss=True, packing=False)
+    trainer = hf_reference.in_order(SFTTrainer)(
+        model=hf_reference.causal_lm(folder), args=args, train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(folder), callbacks=[timer])
+    lens = hf_reference.batch_lengths(trainer, steps + warmup)
     trainer.train()
-  t, n = sum(timer.times[warmup:]), sum(lens[warmup:])
-  return {"tokens_per_s": n / t, "step_s": t / steps, "real_tokens_per_step": n / steps,
-          "loss_step1": timer.losses.get(1), "threads": torch.get_num_threads()}
+  return {**hf_reference.summary(timer, lens, steps, warmup),
+          "loss_step1": timer.logs.get(1, {}).get("loss")}
 
 
 def main() -> None:

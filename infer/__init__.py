@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import importlib
 
-_SUBMODULES = ("decode", "requests", "streaming", "stops", "sampling", "prompts",
-               "speculative", "prefix_cache", "flash_attention")
+_SUBMODULES = ("decode", "requests", "results", "streaming", "stops", "sampling", "prompts",
+               "speculative", "spec_rule", "prefix_cache", "prefix_glue", "chat",
+               "flash_attention")
 _EXPORTS = {  # name: the submodule that defines it
     **dict.fromkeys(("generate", "GenerateResult", "Candidate", "mean_log_prob"), "decode"),
     **dict.fromkeys(("stream", "StreamStep", "drain"), "streaming"),

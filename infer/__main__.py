@@ -4,11 +4,14 @@
     python -m infer --workdir /tmp/run --prompt "To be" --sampler top-p --top-p 0.9 \\
         --temperature 0.8 --num-samples 3 --max-new-tokens 64 --seed 1
     python -m infer --model smollm2-135m-instruct --chat "What is the capital of France?"
+    python -m infer --model smollm2-135m-instruct --interactive --system "Be brief."
 
 `--workdir` loads the latest checkpoint and tokenizer of a pretraining run
 (`lmjax.checkpoint.load_run`); `--model` a pretrained model by name or path
 (`lmjax.load_pretrained`); `--dtype` casts the params of either. `--chat` renders the message
-with the tokenizer's chat template (`infer.prompts.render_chat`) before generating. On a CPU,
+with the tokenizer's chat template (`infer.prompts.render_chat`) before generating;
+`--interactive` holds a multi-turn chat on stdin (`infer.chat`: one user turn a line, `/reset`,
+`/exit`), each turn streamed, the conversation kept in a prefix cache. On a CPU,
 one sequence decodes from weights laid out for the CPU's matrix-vector products
 (`lmjax.packed`, in the params' own dtype: float32 stays exact); `--packed bfloat16|float32`
 asks for a format, `--packed none` decodes from the params as loaded. Output streams token by
@@ -46,7 +49,6 @@ import time
 
 _T0 = time.perf_counter()
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -56,143 +58,14 @@ import jax
 import jax.numpy as jnp
 
 import lmjax
-from infer import sampling
-from infer.requests import MAX_SEED
-from lmjax.config import DTYPES
-from lmjax.packed import FORMATS as PACKED_FORMATS
+from infer import cli_args, sampling
+from infer.cli_args import PROG, check_args, make_sampler
 
-PROG = "python -m infer"
-_SAMPLING_FLAGS = ("sampler", "temperature", "top_k", "top_p")
+__all__ = ["main", "load", "packed_format", "check_args", "make_sampler", "Timings"]
 
 
-def _int_at_least(low: int):
-  def parse(text: str) -> int:
-    try:
-      value = int(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < low:
-      raise argparse.ArgumentTypeError(f"{value} is not an integer >= {low}")
-    return value
-  return parse
-
-
-def _seed(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    value = -1
-  if not 0 <= value < MAX_SEED:
-    raise argparse.ArgumentTypeError(f"{text} is not an integer in [0, 2**31)")
-  return value
-
-
-def _nonempty(text: str) -> str:
-  if not text:
-    raise argparse.ArgumentTypeError("must not be empty")
-  return text
-
-
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--workdir", help="a pretraining run's directory (latest checkpoint)")
-  src.add_argument("--model", help="a pretrained model's name or path (lmjax.load_pretrained)")
-  what = p.add_mutually_exclusive_group(required=True)
-  what.add_argument("--prompt", action="append", type=_nonempty,
-                    help="text to continue (repeat for a batch)")
-  what.add_argument("--chat", type=_nonempty,
-                    help="a user message, rendered with the model's chat template")
-  p.add_argument("--system", type=_nonempty, help="with --chat: a system message first")
-  p.add_argument("--sampler", choices=sampling.NAMES,
-                 help="how tokens are picked (default: with no --temperature/--top-k/--top-p, "
-                      "the model's own generation defaults from its generation_config.json or "
-                      "GGUF general.sampling.* keys, else greedy)")
-  p.add_argument("--temperature", type=float, help=">= 0; 0 is greedy")
-  p.add_argument("--top-k", type=int, help=">= 1: sample among the k most likely tokens")
-  p.add_argument("--top-p", type=float, help="in (0, 1]: nucleus sampling")
-  p.add_argument("--num-samples", type=_int_at_least(1), default=1,
-                 help="sequences per prompt (default: 1)")
-  p.add_argument("--best-of", type=_int_at_least(1),
-                 help="generate N (>= --num-samples), print the best (mean log-prob, or "
-                      "--reward-model's reward)")
-  p.add_argument("--reward-model", metavar="RUN",
-                 help="with --best-of: rank the candidates by this reward model (a run dir of "
-                      "python -m train.reward or a *ForSequenceClassification folder)")
-  p.add_argument("--max-new-tokens", type=_int_at_least(1), default=64,
-                 help="tokens to generate at most (default: 64)")
-  p.add_argument("--seed", type=_seed, default=0, help="in [0, 2**31) (default: 0)")
-  p.add_argument("--stop", action="append", type=_nonempty, help="a stop string (repeatable)")
-  p.add_argument("--dtype", choices=DTYPES,
-                 help="cast the params to this dtype (default: float32 for --model, the run's "
-                      "own for --workdir)")
-  p.add_argument("--packed", nargs="?", const="bfloat16", default="auto",
-                 choices=("auto", "none", *PACKED_FORMATS),
-                 help="decode from packed weights (lmjax.packed: output-major, the fastest "
-                      "batch-1 decoding on a CPU, float32 activations). auto (default): on a "
-                      "CPU for one sequence, in the params' dtype; --packed alone: bfloat16")
-  p.add_argument("--quant", choices=("int8", "int4", "nf4", "keep"),
-                 help="decode from quantized weights (lmjax.quant; replaces --packed): int8 "
-                      "per channel (packed output-major for one sequence on a CPU unless "
-                      "--packed none), int4/nf4 in groups of 64; keep: a GGUF --model's own "
-                      "Q8_0/Q4_0/Q4_1 blocks")
-  p.add_argument("--draft", help="speculative decoding (infer.speculative): 'ngram' (prompt "
-                 "lookup) or a drafter model's name or path with the same tokenizer")
-  p.add_argument("--num-draft-tokens", type=_int_at_least(1), default=4,
-                 help="with --draft: tokens drafted per round (default: 4)")
-  p.add_argument("--prefix-cache-mb", type=_int_at_least(1),
-                 help="share the KV of the prompts' common prefixes (infer.PrefixCache)")
-  p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                 help="print tokens as they come (default: on a terminal, for one sequence)")
-  p.add_argument("--timings", action="store_true",
-                 help="print a breakdown of the time to the first token on stderr, as JSON: "
-                      "import, load, pack, compile, first token")
-  return p
-
-
-def check_args(parser: argparse.ArgumentParser, args) -> None:
-  """The checks that span several arguments (argparse does each one's own); exits with
-  `parser.error` on the first problem."""
-  if args.system is not None and args.chat is None:
-    parser.error("--system needs --chat (it is the system message of a chat)")
-  if args.reward_model is not None and args.best_of is None:
-    parser.error("--reward-model ranks the candidates of --best-of N: give --best-of")
-  if args.best_of is not None and args.best_of < args.num_samples:
-    parser.error(f"--best-of {args.best_of} must be >= --num-samples {args.num_samples}")
-  n_out = (1 if args.chat is not None else len(args.prompt)) * args.num_samples
-  if args.stream and (args.draft is not None or args.prefix_cache_mb is not None):
-    parser.error("--draft and --prefix-cache-mb do not stream yet (use --no-stream)")
-  if args.stream and (n_out > 1 or args.best_of is not None):
-    parser.error("--stream prints one sequence: one prompt, one sample, no --best-of "
-                 "(use --no-stream)")
-
-
-def make_sampler(args, defaults: dict[str, Any] | None = None) -> sampling.BaseSampler:
-  """The sampler the flags ask for; with no sampling flag, the model's generation defaults
-  (`lmjax.convert.generation_defaults`, transformers' meaning: top_k 0 and top_p 1 are off),
-  else greedy (module docstring).
-
-  Raises:
-    ValueError: a bad flag value, or generation defaults no sampler takes (naming their file).
-  """
-  if args.sampler is not None:
-    return sampling.from_name(args.sampler, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p)
-  if args.top_k is not None or args.top_p is not None:
-    return sampling.Sampler(temperature=1.0 if args.temperature is None else args.temperature,
-                            top_k=args.top_k, top_p=args.top_p)
-  if args.temperature is not None:
-    return sampling.Temperature(args.temperature)
-  if defaults is None or not defaults["do_sample"]:
-    return sampling.Greedy()
-  try:
-    return sampling.Sampler(temperature=defaults["temperature"],
-                            top_k=defaults["top_k"] or None,
-                            top_p=None if defaults["top_p"] == 1 else defaults["top_p"])
-  except ValueError as e:
-    raise ValueError(f"the model's generation defaults ({defaults['source']}) give no usable "
-                     f"sampler: {e}") from e
+def _parser():
+  return cli_args.parser(__doc__)
 
 
 def _fail(message: str) -> NoReturn:
@@ -344,7 +217,7 @@ def main(argv: Sequence[str] | None = None, *, caches: bool = False) -> int:
   clock = Timings() if args.timings else None
   if caches:
     lmjax.compilation_cache.enable_for_command(PROG)
-  if any(getattr(args, k) is not None for k in _SAMPLING_FLAGS):
+  if any(getattr(args, k) is not None for k in cli_args.SAMPLING_FLAGS):
     try:
       sampler = make_sampler(args)
     except ValueError as e:
@@ -366,9 +239,9 @@ def main(argv: Sequence[str] | None = None, *, caches: bool = False) -> int:
   name = "greedy" if isinstance(sampler, sampling.Greedy) else repr(sampler)
   print(f"sampler: {name} ({why})", file=sys.stderr)
 
-  n_out = (1 if args.chat is not None else len(args.prompt)) * args.num_samples
+  n_out = (len(args.prompt) if args.prompt else 1) * args.num_samples
   one_row = n_out == 1 and args.best_of is None
-  plain = args.draft is None and args.prefix_cache_mb is None
+  plain = args.draft is None and args.prefix_cache_mb is None and not args.interactive
   config, params, tokenizer = load(args, one_row and plain, caches, clock)
   if tokenizer is None:
     _fail("the loaded model has no tokenizer; python -m infer needs one")
@@ -377,7 +250,9 @@ def main(argv: Sequence[str] | None = None, *, caches: bool = False) -> int:
   if clock:
     clock.generation()
   model = lmjax.model_for(config)
-  if args.chat is not None:
+  if args.interactive:
+    texts = []
+  elif args.chat is not None:
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.chat})
     texts = [prompts.render_chat(messages, tokenizer, add_generation_prompt=True)]
@@ -385,7 +260,7 @@ def main(argv: Sequence[str] | None = None, *, caches: bool = False) -> int:
     texts = args.prompt
   stream = args.stream
   if stream is None:
-    stream = sys.stdout.isatty() and one_row and plain
+    stream = sys.stdout.isatty() and one_row
   kw = dict(tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, sampler=sampler,
             seed=args.seed, stop=args.stop, num_samples=args.num_samples,
             add_bos=None)  # the tokenizer's convention, as in training (train.chat_data)
@@ -398,9 +273,14 @@ def main(argv: Sequence[str] | None = None, *, caches: bool = False) -> int:
         _fail(f"cannot load the draft model {draft!r}: {e}")
       draft = (lmjax.model_for(dcfg), dparams, dtok)
     kw.update(draft=draft, num_draft_tokens=args.num_draft_tokens)
-  if args.prefix_cache_mb is not None:
+  if args.prefix_cache_mb is not None or args.interactive:
     from infer import prefix_cache
-    kw["prefix_cache"] = prefix_cache.PrefixCache(max_bytes=args.prefix_cache_mb * 2**20)
+    mb = 512 if args.prefix_cache_mb is None else args.prefix_cache_mb
+    kw["prefix_cache"] = prefix_cache.PrefixCache(max_bytes=mb * 2**20)
+  if args.interactive:
+    from infer import chat
+    return chat.run(model, params, tokenizer, kw, system=args.system,
+                    stream=args.stream is not False)
   try:
     if stream:
       gen = streaming.stream(model, params, texts, **kw)

@@ -34,29 +34,29 @@ of the batch: `generate(ps, seed=[s0, s1])` row 1 equals `generate([ps[1]], seed
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import lmjax
-from infer import sampling, stops
+from infer import results, sampling, stops
 from infer.requests import MAX_SEED, Plan, Request, is_int, prepare, prompt_bucket, split_prompts
+from infer.results import Candidate, GenerateResult, collect, mean_log_prob
 from lmjax import packed as packed_lib
 
-__all__ = ["STOP_REASONS", "MAX_SEED", "Candidate", "GenerateResult", "mean_log_prob", "Plan",
-           "Request", "prepare", "prompt_bucket", "Decoder", "decoder_for", "generate"]
+__all__ = ["STOP_REASONS", "REASON_NAMES", "MAX_SEED", "Candidate", "GenerateResult",
+           "mean_log_prob", "completion_text", "decode_text", "collect", "Plan", "Request",
+           "prepare", "prompt_bucket", "Decoder", "decoder_for", "generate"]
 
 Array = jax.Array
 
-STOP_REASONS = ("eos", "stop", "length")
-_RUNNING, _EOS, _STOP, _LENGTH = 0, 1, 2, 3
-REASON_NAMES = {_EOS: "eos", _STOP: "stop", _LENGTH: "length"}
+# Also importable from here (`infer.results` defines them).
+STOP_REASONS, REASON_NAMES = results.STOP_REASONS, results.REASON_NAMES
+completion_text, decode_text = results.completion_text, results.decode_text
+
 _FROM_STREAMING = ("stream", "StreamStep")
 
 
@@ -65,71 +65,6 @@ def __getattr__(name: str):
   if name in _FROM_STREAMING:
     return getattr(importlib.import_module("infer.streaming"), name)
   raise AttributeError(f"module 'infer.decode' has no attribute {name!r}")
-
-
-# ----------------------------------------------------------------------------------- results
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-  """One generated sequence (what a best-of scorer sees).
-
-  Attributes:
-    tokens: the new tokens, through the EOS, the token-id stop sequence, or the token whose text
-      completed a stop string, that ended it.
-    log_probs: the model's log-probability of each token (raw logits, before the sampler's
-      temperature and truncation), aligned with `tokens`.
-    stop_reason: "eos", "stop" or "length".
-    text: the decoded tokens without the closing EOS / token-id stop sequence, and cut before
-      the first occurrence of a stop string (None without tokenizer).
-  """
-
-  tokens: list[int]
-  log_probs: list[float]
-  stop_reason: str
-  text: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerateResult:
-  """What `generate` returns: per sequence lists, sequence `i * num_samples + j` is prompt i's
-  sample j.
-
-  Attributes:
-    tokens: new tokens per sequence, through the EOS / token-id stop sequence / token that
-      completed a stop string that ended it (that token may hold text past the stop string).
-    log_probs: per-token model log-probs (see `Candidate`).
-    stop_reason: "eos" | "stop" | "length" per sequence.
-    text: decoded continuations (closing EOS / token-id stop sequence removed; cut before the
-      first stop string, which is left out), or None without tokenizer.
-    prompt_tokens: the token ids of each prompt, as fed to the model.
-    num_samples: sequences per prompt.
-    scores: best-of only: the scorer's value of each returned sequence.
-    logits: with `return_logits=True`: per sequence `[len(tokens), V]` float32, the logits each
-      token was drawn from.
-  """
-
-  tokens: list[list[int]]
-  log_probs: list[list[float]]
-  stop_reason: list[str]
-  text: list[str] | None
-  prompt_tokens: list[list[int]]
-  num_samples: int = 1
-  scores: list[float] | None = None
-  logits: list[np.ndarray] | None = None
-
-  def __len__(self) -> int:
-    return len(self.tokens)
-
-  def candidate(self, i: int) -> Candidate:
-    return Candidate(self.tokens[i], self.log_probs[i], self.stop_reason[i],
-                     None if self.text is None else self.text[i])
-
-
-def mean_log_prob(prompt: Any, candidate: Candidate) -> float:
-  """The default best-of score: the candidate's mean per-token log-probability."""
-  del prompt
-  return float(np.mean(candidate.log_probs)) if candidate.log_probs else -math.inf
 
 
 # --------------------------------------------------------------------------- compiled steps
@@ -198,8 +133,8 @@ class Decoder:
   def _prefill(self, params, inputs) -> tuple[Array, lmjax.KVCache]:
     cfg, p = self.model.config, self.plan
     if "prefix_len" in inputs:  # the prompts' cached prefixes, then their suffixes
-      from infer import prefix_cache
-      return prefix_cache.prefill(self._apply, cfg, p, params, inputs)
+      from infer import prefix_glue
+      return prefix_glue.prefill(self._apply, cfg, p, params, inputs)
     if p.seq2seq:
       cache = lmjax.init_cache(cfg, p.batch, p.cache_len, encoder_len=p.prompt_len)
       logits, cache = self._apply(
@@ -238,8 +173,8 @@ class Decoder:
     if tail is not None:
       new["tail"] = tail
     at_len = (t + 1 >= consts["max_new"]) & active & ~is_eos & ~is_stop
-    reason = jnp.where(is_eos, _EOS, jnp.where(is_stop, _STOP, jnp.where(
-        at_len, _LENGTH, state["reason"])))
+    reason = jnp.where(is_eos, results.EOS, jnp.where(is_stop, results.STOP, jnp.where(
+        at_len, results.LENGTH, state["reason"])))
     new.update(reason=reason.astype(jnp.int32),
                done=done | is_eos | is_stop | at_len, n=state["n"] + active.astype(jnp.int32),
                t=t + 1)
@@ -298,26 +233,8 @@ def decoder_for(model, plan: Plan) -> Decoder:
   return dec
 
 
+
 # ------------------------------------------------------------------------------- public API
-
-
-def completion_text(tokenizer, tokens: list[int], reason: str, req: Request) -> str:
-  """The returned text of a sequence's new `tokens`: without a closing EOS or token-id stop
-  sequence, and cut before the first stop string when a stop string ended it."""
-  if reason == "eos":
-    return decode_text(tokenizer, tokens[:-1])
-  if reason == "stop":
-    n = max((len(s) for s in req.stops if len(s) <= len(tokens) and tokens[-len(s):] == s),
-            default=0)
-    if n:
-      return decode_text(tokenizer, tokens[:len(tokens) - n])
-    text = decode_text(tokenizer, tokens)
-    if req.stop_strings:
-      cut = stops.cut(tokenizer, tokens, text, req.stop_strings, req.vocab)
-      if cut is not None:
-        return cut
-    return text
-  return decode_text(tokenizer, tokens)
 
 
 def unwrap_params(params):
@@ -327,30 +244,6 @@ def unwrap_params(params):
     return params["params"]
   return params
 
-
-def decode_text(tokenizer, ids: list[int]) -> str:
-  """The text of `ids` ("" for none)."""
-  return tokenizer.decode(ids) if ids else ""
-
-
-def collect(req: Request, state: dict, tokenizer) -> GenerateResult:
-  """The `GenerateResult` of a finished loop `state` (shared by `generate` and `stream`)."""
-  host = jax.device_get({k: v for k, v in state.items() if k != "cache"})
-  toks, lps, reasons, logits = [], [], [], []
-  for r in range(req.plan.rows):
-    n = int(host["n"][r])
-    toks.append([int(x) for x in host["out"][r, :n]])
-    lps.append([float(x) for x in host["lp"][r, :n]])
-    reasons.append(REASON_NAMES[int(host["reason"][r])])
-    if req.plan.return_logits:
-      logits.append(np.asarray(host["logits"][r, :n]))
-  text = None
-  if tokenizer is not None:
-    text = [completion_text(tokenizer, t, s, req) for t, s in zip(toks, reasons)]
-  return GenerateResult(tokens=toks, log_probs=lps, stop_reason=reasons, text=text,
-                        prompt_tokens=[list(p) for p in req.prompts],
-                        num_samples=req.plan.samples,
-                        logits=logits if req.plan.return_logits else None)
 
 
 def generate(model, params, prompts, *, tokenizer=None, max_new_tokens: int = 64,
@@ -434,36 +327,17 @@ def generate(model, params, prompts, *, tokenizer=None, max_new_tokens: int = 64
                 return_logits=return_logits)
   if adapter is not None:
     params = lmjax.peft.with_rows(unwrap_params(params), adapter, batch=req.plan.batch)
-  if draft is not None or prefix_cache is not None:
+  if draft is not None:
     from infer import speculative
     result = speculative.run(model, params, req, tokenizer, draft=draft, k=num_draft_tokens,
                              prefix_cache=prefix_cache, cache_size=cache_size)
   else:
-    state = decoder_for(model, req.plan).run(unwrap_params(params), req.inputs, req.consts)
+    from infer import prefix_glue
+    params = unwrap_params(params)
+    inputs, stash = prefix_glue.cached_inputs(model, params, req, prefix_cache)
+    state = decoder_for(model, req.plan).run(params, inputs, req.consts)
     result = collect(req, state, tokenizer)
+    prefix_glue.store(stash, req, state["cache"], result.tokens)
   if best_of is None:
     return result
-  return _best(result, split_prompts(prompts), num_samples, scorer or mean_log_prob)
-
-
-def _best(result: GenerateResult, prompts: list, keep: int, scorer) -> GenerateResult:
-  """Per prompt, the `keep` highest-scoring of its candidates (ties: the lower sample index)."""
-  n = result.num_samples
-  picked, scores = [], []
-  batched = None  # a scorer with `score_many(prompts, candidates)` scores all in one call
-  if hasattr(scorer, "score_many"):
-    batched = scorer.score_many([p for p in prompts for _ in range(n)],
-                                [result.candidate(k) for k in range(len(prompts) * n)])
-  for i, prompt in enumerate(prompts):
-    cand = [(float(batched[i * n + j]) if batched is not None else
-             float(scorer(prompt, result.candidate(i * n + j))), i * n + j) for j in range(n)]
-    for score, idx in sorted(cand, key=lambda c: (-c[0], c[1]))[:keep]:
-      picked.append(idx)
-      scores.append(score)
-
-  def take(xs):
-    return None if xs is None else [xs[k] for k in picked]
-  return dataclasses.replace(result, tokens=take(result.tokens),
-                             log_probs=take(result.log_probs),
-                             stop_reason=take(result.stop_reason), text=take(result.text),
-                             num_samples=keep, scores=scores, logits=take(result.logits))
+  return results.best(result, split_prompts(prompts), num_samples, scorer or mean_log_prob)

@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec
 
 from infer import flash_common, flash_gpu, flash_tpu
 from infer.requests import round_up as _round_up
+from lmjax import sharding
 from lmjax.attention_ops import (
     SegmentIds,
     as_segment_ids,
@@ -322,9 +323,19 @@ def mesh_flash_attention(
   `n // (N // K)`. With no mesh, a one-device mesh, or inside a `shard_map`, this is
   `flash_attention` itself.
 
+  On a mesh with a `sequence` axis (context parallelism) the queries, keys and values are split
+  on their length too; each device gathers every device's keys and values and runs the kernel on
+  its own block of queries against the whole sequence (`lmjax.sharding.gather_context` gives the
+  causal rule the block's offset). Each device's query length must be a multiple of the kernel's
+  query blocks (no padding inside a shard).
+
   Args:
     q, k, v, causal, segment_ids, sm_scale: as in `flash_attention`.
     **kwargs: `flash_attention`'s `block_sizes`, `interpret` and `backend`.
+
+  Raises:
+    ValueError: with a sequence axis, lengths that do not split over it or into whole query
+      blocks, or a causal call whose query and key lengths differ (a KV cache).
   """
   b, t, s, n, kh, _ = check_shapes(q, k, v)
   seg = as_segment_ids(segment_ids, t, s)
@@ -333,17 +344,52 @@ def mesh_flash_attention(
     return flash_attention(q, k, v, causal=causal, segment_ids=seg, sm_scale=sm_scale, **kwargs)
   batch = _split(_rule("activation_batch"), [b], mesh)
   heads = _split(_rule("heads"), [n, kh], mesh) if _rule("heads") == _rule("kv_heads") else None
-  spec = PartitionSpec(batch, None, heads, None)
+  length = _context_split(t, s, n, kh, causal, sm_scale, kwargs)
+  spec = PartitionSpec(batch, length, heads, None)
   arrays, specs = [q, k, v], [spec, spec, spec]
   if seg is not None:
     arrays.append(seg)
-    specs.append(SegmentIds(PartitionSpec(batch, None), PartitionSpec(batch, None)))
+    specs.append(SegmentIds(PartitionSpec(batch, length), PartitionSpec(batch, length)))
 
   def local(q, k, v, seg=None):
+    if length is not None:  # this device's queries against every device's keys
+      k, v, q_ids, kv_ids = sharding.gather_context(
+          k, v, None if seg is None else seg.q, None if seg is None else seg.kv, causal=causal,
+          axis=length)
+      seg = None if q_ids is None else SegmentIds(q_ids, kv_ids)
     return flash_attention(q, k, v, causal=causal, segment_ids=seg, sm_scale=sm_scale, **kwargs)
 
   return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=spec,
                        check_vma=False)(*arrays)
+
+
+def _context_split(t: int, s: int, n: int, kh: int, causal: bool, sm_scale, kwargs):
+  """The mesh axis the length splits over (None without a sequence axis), after checking that
+  the call can run split: lengths divisible by it, whole query blocks a device, no cache."""
+  shards = sharding.sequence_shards()
+  if shards == 1:
+    return None
+  for name, length in (("query", t), ("key", s)):
+    if length % shards:
+      raise ValueError(f"flash attention on a mesh with sequence={shards}: the {name} length "
+                       f"{length} does not split over it; make it a multiple of {shards}")
+  if causal and t != s:
+    raise ValueError(f"flash attention on a mesh with sequence={shards} needs a causal call's "
+                     f"query and key lengths equal (got T={t}, S={s}: a KV cache); decode on a "
+                     "mesh with mesh.sequence=1")
+  kind, interp = _resolve_backend(kwargs.get("backend"), kwargs.get("interpret"))
+  if kind != "reference":
+    local = t // shards
+    scale = 1.0 if sm_scale is None else sm_scale
+    plan = _make_plan(kind, interp, causal, scale, local, s, n, kh, kwargs.get("block_sizes"))
+    if plan.t_pad != local:
+      block = math.lcm(plan.block_q, plan.block_q_dkv, plan.block_q_dq)
+      raise ValueError(
+          f"flash attention on a mesh with sequence={shards}: each device's {local} queries "
+          f"(sequence length {t} / {shards}) must be a multiple of the kernel's query blocks "
+          f"({block}); make the sequence length a multiple of {shards * block}, or pass "
+          "smaller block_sizes")
+  return sharding.SEQUENCE_AXIS
 
 
 # The model reaches the kernel by name: `TransformerConfig(attention="flash")`.

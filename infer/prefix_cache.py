@@ -14,14 +14,17 @@ too (no hash collision can return another prefix's KV).
 1. prefixes that several prompts of the batch share, and that are not cached yet, are
    prefilled once (a batch-1 call) and stored, so a shared system prompt is computed once;
 2. each prompt takes its longest cached chain of whole blocks that leaves at least one token
-   to prefill (the last prompt token's logits give the first new token);
-3. the compiled loop's prefill (`prefill`) writes those blocks into the fresh KV cache and
-   runs only the suffixes, against the cache (`infer.decode.Decoder._prefill` calls it when
-   the inputs carry `prefix_len`);
-4. after the loop, the prompts' whole blocks not yet cached are copied out of the final cache
-   (the generated tokens sit past the prompt, so the prompt's slots are as prefilled) and
-   stored, least recently used first evicted under `max_bytes`; blocks the call used are
-   pinned while it stores.
+   to prefill (the last prompt token's logits give the first new token), then, where one is
+   cached, the *tail* block after it: the last partial block (< `block_size` tokens) of an
+   earlier prompt that ended there, so a chat's next turn, which starts with the last turn's
+   prompt and answer, prefills exactly its new tokens, not the rest of a partial block too;
+3. the compiled loop's prefill (`infer.prefix_glue.prefill`) writes those blocks into the fresh
+   KV cache and runs only the suffixes, against the cache (`infer.decode.Decoder._prefill`
+   calls it when the inputs carry `prefix_len`);
+4. after the loop, the prompts' whole blocks and tail blocks not yet cached are copied out of
+   the final cache (the generated tokens sit past the prompt, so the prompt's slots are as
+   prefilled) and stored, least recently used first evicted under `max_bytes`; blocks the call
+   used are pinned while it stores.
 
 Counters (`stats()`): prompts that hit / missed, prompt tokens taken from the cache / prefilled,
 blocks stored / evicted. `CausalLM` only (a `Seq2SeqLM` is refused with a clear error).
@@ -44,7 +47,7 @@ from infer.requests import prompt_bucket, round_up
 
 Array = jax.Array
 
-__all__ = ["PrefixCache", "prefill"]
+__all__ = ["PrefixCache", "salt"]
 
 
 @dataclasses.dataclass
@@ -60,7 +63,8 @@ class PrefixCache:
 
   Args:
     max_bytes: the budget for the stored keys and values (> 0).
-    block_size: tokens per block (>= 1); a prefix is reused in whole blocks.
+    block_size: tokens per block (>= 1); a prefix is reused in whole blocks, and in the tail
+      block of a prompt that ended there.
 
   Attributes (read them, or `stats()`): hits / misses (prompts with / without a cached block),
   hit_tokens / prefilled_tokens (prompt tokens taken from the cache / run through the model),
@@ -113,33 +117,49 @@ class PrefixCache:
     """The hash-chain key of each whole block of `ids`."""
     out, h, bs = [], salt, self.block_size
     for j in range(len(ids) // bs):
-      h = hashlib.blake2b(h + np.asarray(ids[j * bs:(j + 1) * bs], np.int64).tobytes(),
-                          digest_size=16).digest()
+      h = _chain(h, ids[j * bs:(j + 1) * bs])
       out.append(h)
     return out
 
   def lookup(self, salt: bytes, ids: list[int]) -> list[bytes]:
-    """The keys of the longest cached chain of whole blocks of `ids` that leaves at least one
-    token to prefill (marked recently used: the chain's first block last, so tails go first)."""
+    """The keys of the longest cached chain of whole blocks of `ids`, then of the longest cached
+    tail block after it, that leave at least one token to prefill (marked recently used: the
+    chain's first block last, so its end goes first)."""
     bs, found = self.block_size, []
     for j, key in enumerate(self.keys(salt, ids[:len(ids) - 1])):
       block = self._blocks.get(key)
       if block is None or block.tokens != tuple(ids[j * bs:(j + 1) * bs]):
         break
       found.append(key)
+    rest = ids[len(found) * bs:len(ids) - 1]
+    for r in range(min(bs - 1, len(rest)), 0, -1):
+      key = _chain(found[-1] if found else salt, rest[:r], tail=True)
+      block = self._blocks.get(key)
+      if block is not None and block.tokens == tuple(rest[:r]):
+        found.append(key)
+        break
     for key in reversed(found):
       self._blocks.move_to_end(key)
     return found
+
+  def num_tokens(self, keys: list[bytes]) -> int:
+    """The tokens the blocks of `keys` hold."""
+    return sum(len(self._blocks[key].tokens) for key in keys)
 
   # ------------------------------------------------------------------------ store
 
   def store(self, salt: bytes, prompts: list[list[int]], cache: lmjax.KVCache, rows: list[int],
             pinned: set[bytes]) -> None:
-    """Stores the whole blocks of each prompt not cached yet, read from `cache` row `rows[i]`
-    (prompt i's KV in slots 0..len - 1)."""
+    """Stores the whole blocks, and the tail block, of each prompt not cached yet, read from
+    `cache` row `rows[i]` (prompt i's KV in slots 0..len - 1)."""
     bs, todo, seen = self.block_size, [], set()
+    slots = jax.tree.leaves(cache.k)[0].shape[-2]
     for ids, row in zip(prompts, rows):
-      for j, key in enumerate(self.keys(salt, ids)):
+      chain = self.keys(salt, ids)
+      whole = len(chain) * bs
+      if whole < len(ids) and whole + bs <= slots:  # the tail: read as a whole block, cut
+        chain = chain + [_chain(chain[-1] if chain else salt, ids[whole:], tail=True)]
+      for j, key in enumerate(chain):
         if key in self._blocks or key in seen:
           if key in self._blocks:
             self._blocks.move_to_end(key)
@@ -155,12 +175,15 @@ class PrefixCache:
     rows_a[:m] = [t[2] for t in todo]
     starts[:m] = [t[3] for t in todo]
     k, v = _gather(cache.k, cache.v, rows_a, starts, bs)
-    per_block = k[0].nbytes + v[0].nbytes
+    per_token = (k[0].nbytes + v[0].nbytes) // bs
     for i, (key, toks, _, _) in enumerate(todo):
-      if not self._make_room(per_block, pinned):
+      n = len(toks)
+      nbytes = per_token * n
+      if not self._make_room(nbytes, pinned):
         break
-      self._blocks[key] = _Block(toks, k[i], v[i], per_block)
-      self.bytes += per_block
+      ki, vi = (k[i], v[i]) if n == bs else (k[i][:, :, :n], v[i][:, :, :n])
+      self._blocks[key] = _Block(toks, ki, vi, nbytes)
+      self.bytes += nbytes
       self.stored += 1
 
   def _make_room(self, nbytes: int, pinned: set[bytes]) -> bool:
@@ -194,7 +217,7 @@ class PrefixCache:
   def has(self, salt: bytes, ids: list[int]) -> bool:
     """Whether every whole block of `ids` but the last token is cached."""
     n = (len(ids) - 1) // self.block_size
-    return len(self.lookup(salt, ids)) >= n
+    return self.num_tokens(self.lookup(salt, ids)) >= n * self.block_size
 
   def inputs(self, cfg: lmjax.TransformerConfig, salt: bytes, prompts: list[list[int]],
              pad_id: int, count: bool = True) -> tuple[dict | None, set[bytes]]:
@@ -203,7 +226,7 @@ class PrefixCache:
     hits = [self.lookup(salt, ids) for ids in prompts]
     used = {k for h in hits for k in h}
     bs = self.block_size
-    hit_len = [len(h) * bs for h in hits]
+    hit_len = [self.num_tokens(h) for h in hits]
     for ids, n in zip(prompts, hit_len if count else []):
       self.hits += n > 0
       self.misses += n == 0
@@ -237,6 +260,13 @@ class PrefixCache:
             "suffix_lengths": np.asarray(list(map(len, suffix)), np.int32)}, used
 
 
+def _chain(h: bytes, tokens, tail: bool = False) -> bytes:
+  """The key of a block of `tokens` after the block keyed `h` (a salt for the first); a tail
+  block (fewer tokens, the end of a prompt) is keyed apart from the whole blocks."""
+  data = h + (b"tail" if tail else b"") + np.asarray(tokens, np.int64).tobytes()
+  return hashlib.blake2b(data, digest_size=16).digest()
+
+
 @functools.partial(jax.jit, static_argnums=(4,))
 def _gather(k, v, rows: Array, starts: Array, bs: int) -> tuple[Array, Array]:
   """Blocks `[M, L, K, bs, H]` of keys and values: row `rows[m]`, slots `starts[m]` + bs."""
@@ -249,34 +279,6 @@ def _gather(k, v, rows: Array, starts: Array, bs: int) -> tuple[Array, Array]:
     return jax.vmap(lambda r, s: jax.lax.dynamic_slice(
         x, (r, 0, s, 0), (1, x.shape[1], bs, x.shape[3]))[0])(rows, starts)
   return take(k), take(v)
-
-
-def prefill(apply, cfg: lmjax.TransformerConfig, plan, params,
-            inputs) -> tuple[Array, lmjax.KVCache]:
-  """The compiled prefill with cached prefixes: blocks into a fresh cache, then the suffixes.
-
-  Args:
-    apply: `apply(params, tokens, **kwargs)` of the model.
-    cfg, plan: the model's config and the request's `infer.requests.Plan`.
-    params: the model's params.
-    inputs: `PrefixCache.inputs`' arrays (`prefix_k/v` `[B, K, Ph, H]` per layer, `prefix_len`
-      `[B]`, `suffix_tokens` / `suffix_segment_ids` `[B, Ts]`, `suffix_lengths` `[B]`).
-
-  Returns:
-    The last prompt token's logits `[R, V]` and the cache (rows repeated per sample).
-  """
-  cache = lmjax.init_cache(cfg, plan.batch, plan.cache_len)
-
-  def put(c, x):
-    return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0,) * c.ndim)
-  cache = cache.replace(k=jax.tree.map(put, cache.k, inputs["prefix_k"]),
-                        v=jax.tree.map(put, cache.v, inputs["prefix_v"]),
-                        lengths=jnp.asarray(inputs["prefix_len"], jnp.int32))
-  logits, cache = apply(params, inputs["suffix_tokens"],
-                        segment_ids=inputs["suffix_segment_ids"], cache=cache)
-  last = jnp.take_along_axis(logits, (inputs["suffix_lengths"] - 1)[:, None, None], axis=1)[:, 0]
-  n = plan.samples
-  return jnp.repeat(last, n, axis=0), (cache if n == 1 else cache.repeat_rows(n))
 
 
 # ----------------------------------------------------------------------------- identity

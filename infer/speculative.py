@@ -28,7 +28,8 @@ decoding's for the same seed: the distribution is the same, not the sample path.
 
 The result (`SpeculativeResult`) also reports the acceptance rate (drafts kept / drafts
 proposed) and the mean accepted length (drafts kept per round; each round emits that + 1).
-`run` is also the path of `prefix_cache=` (`infer.prefix_cache`), with or without a drafter.
+The rule and the n-gram drafts are `infer.spec_rule`; `infer.stream(..., draft=...)` runs the
+same jitted `start` and `round` from a Python loop (`setup` / `finish` are shared).
 """
 
 from __future__ import annotations
@@ -42,16 +43,16 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 import lmjax
-from infer import decode, sampling
-from infer import prefix_cache as pc_lib
+from infer import decode, prefix_glue, results, sampling
 from infer.requests import Request, is_int, round_up
+from infer.spec_rule import NGRAM, accept, ngram_propose, sampler_probs
 from lmjax import packed as packed_lib
+from lmjax import packed_rows
 
 Array = jax.Array
 
-__all__ = ["SpeculativeResult", "accept", "ngram_propose", "sampler_probs", "run"]
-
-NGRAM = 3  # longest n-gram "ngram" drafting matches
+__all__ = ["SpeculativeResult", "NGRAM", "accept", "ngram_propose", "sampler_probs", "run",
+           "check", "setup", "finish"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,70 +82,6 @@ class SpecPlan:
   drafter: str  # "ngram" | "model"
 
 
-# ------------------------------------------------------------------------------ the rule
-
-
-def sampler_probs(logits: Array, consts: dict, flags: dict) -> Array:
-  """The sampler's distributions of `[R, T, V]` logits: softmax of the temperature / top-k /
-  top-p filtered logits, one-hot at the argmax in rows with temperature 0."""
-  r, t, v = logits.shape
-  flat = logits.reshape(r * t, v).astype(jnp.float32)
-  temp = jnp.repeat(consts["temperature"], t)
-  x = sampling.filter_logits(flat, temp, jnp.repeat(consts["top_k"], t),
-                             jnp.repeat(consts["top_p"], t), use_top_k=flags["use_top_k"],
-                             use_top_p=flags["use_top_p"])
-  onehot = jax.nn.one_hot(jnp.argmax(flat, axis=-1), v, dtype=jnp.float32)
-  return jnp.where((temp > 0)[:, None], jax.nn.softmax(x, axis=-1), onehot).reshape(r, t, v)
-
-
-def accept(p: Array, q: Array, drafts: Array, u: Array, keys: Array) -> tuple[Array, Array]:
-  """The rejection rule of speculative sampling, per row.
-
-  Args:
-    p: `[R, k + 1, V]` the target's distributions at the k drafts and after the last.
-    q: `[R, k, V]` the drafter's distributions the drafts were drawn from.
-    drafts: `[R, k]` int32.
-    u: `[R, k]` uniforms in [0, 1).
-    keys: `[R]` PRNG keys for the token after the kept drafts.
-
-  Returns:
-    `(n, token)`: `[R]` drafts kept (the leading run with u < p(d) / q(d)), and the next token:
-    from normalize(max(0, p_{n+1} - q_{n+1})) after a rejection, from p_{k+1} when all were
-    kept.
-  """
-  k = drafts.shape[1]
-  pd = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]
-  qd = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
-  ok = u * qd < pd
-  n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
-  qx = jnp.concatenate([q, jnp.zeros_like(p[:, :1])], axis=1)
-  pick = lambda x: jnp.take_along_axis(x, n[:, None, None], axis=1)[:, 0]  # noqa: E731
-  res = pick(jnp.maximum(p - qx, 0.0))
-  res = jnp.where(jnp.sum(res, axis=-1, keepdims=True) > 0, res, pick(p))
-  token = jax.vmap(jax.random.categorical)(keys, jnp.log(res)).astype(jnp.int32)
-  return n, token
-
-
-def ngram_propose(hist: Array, hlen: Array, k: int, max_n: int = NGRAM) -> tuple[Array, Array]:
-  """Prompt-lookup drafts `[R, k]`: the k tokens after the latest earlier occurrence of each
-  row's last n tokens in `hist` `[R, S]` (its first `hlen` `[R]` are real), the longest n in
-  max_n..1 that occurs; the last token repeated where none does. Also `[R]` bool: a match was
-  found."""
-  r, s = hist.shape
-  pos = jnp.arange(s)[None, :]
-  padded = jnp.pad(hist, ((0, 0), (0, max_n)), constant_values=-1)
-  start = jnp.full((r,), -1, jnp.int32)
-  for g in range(max_n, 0, -1):
-    tail = jnp.take_along_axis(hist, jnp.clip(hlen[:, None] - g + jnp.arange(g)[None], 0, s - 1), 1)
-    match = (pos + g < hlen[:, None]) & (hlen[:, None] > g)
-    for i in range(g):
-      match = match & (padded[:, i:i + s] == tail[:, i:i + 1])
-    found = jnp.max(jnp.where(match, pos, -1), axis=1)
-    start = jnp.where((start < 0) & (found >= 0), found + g, start)
-  idx = jnp.where(start[:, None] >= 0, start[:, None] + jnp.arange(k)[None], hlen[:, None] - 1)
-  return jnp.take_along_axis(hist, jnp.minimum(idx, hlen[:, None] - 1), axis=1), start >= 0
-
-
 # -------------------------------------------------------------------------- the loop
 
 
@@ -156,6 +93,17 @@ class SpecDecoder:
     self.target = decode.decoder_for(model, splan.plan)
     self.draft = None if draft_model is None else decode.decoder_for(draft_model, splan.plan)
     self.run = jax.jit(self._run)
+    self.start = jax.jit(self._start)  # `start` and `round`: the loop's parts, for `stream`
+    self.round = jax.jit(self._round)
+    self.widen_jit = jax.jit(widened)
+
+  def widen(self, params):
+    """The params the k + 1-token check reads (`reads_narrow`, `widened`), before the rounds."""
+    return params if reads_narrow(params, self._check_rows) else self.widen_jit(params)
+
+  @property
+  def _check_rows(self) -> int:
+    return self.plan.rows * (self.splan.k + 1)
 
   def _keys(self, consts, t, n):
     def one(s, r, j):
@@ -179,8 +127,8 @@ class SpecDecoder:
       if tail is not None:
         s["tail"] = tail
       at_len = (s["n"] + 1 >= consts["max_new"]) & active & ~is_eos & ~is_stop
-      s["reason"] = jnp.where(is_eos, decode._EOS, jnp.where(is_stop, decode._STOP, jnp.where(
-          at_len, decode._LENGTH, s["reason"]))).astype(jnp.int32)
+      s["reason"] = jnp.where(is_eos, results.EOS, jnp.where(is_stop, results.STOP, jnp.where(
+          at_len, results.LENGTH, s["reason"]))).astype(jnp.int32)
       s["done"] = s["done"] | is_eos | is_stop | at_len
       at = jnp.where(active, s["n"], big)
       s["out"] = s["out"].at[rows, at].set(tok, mode="drop")
@@ -262,6 +210,8 @@ class SpecDecoder:
     k = self.splan.k
     keys = self._keys(consts, state["t"], k + 2)
     hist, hlen = state["hist"], state["hlen"]
+    if reads_narrow(wide, self._check_rows):  # the check widens inside the loop (`in_loop`)
+      wide = wide.replace(tree=packed_lib.loop_variant(wide.tree, state["t"]))
     if self.draft is not None:
       drafts, qlogits, dc = self._draft_model(dparams, state, consts, keys[:, :k])
       s = self._verify(wide, state, consts, keys, drafts, qlogits)
@@ -323,7 +273,7 @@ class SpecDecoder:
 
   def _run(self, params, dparams, inputs, consts):
     state = self._start(params, dparams, inputs, consts)
-    wide = widened(params)
+    wide = params if reads_narrow(params, self._check_rows) else widened(params)
 
     def cond(s):
       return (s["t"] <= consts["max_new"]) & ~jnp.all(s["done"])
@@ -331,10 +281,21 @@ class SpecDecoder:
         cond, lambda s: self._round(params, wide, dparams, s, consts), state)
 
 
+def reads_narrow(params, rows: int) -> bool:
+  """Whether a check of `rows` (target rows x (k + 1)) tokens reads bfloat16 `lmjax.packed`
+  weights as they are: `lmjax.packed_rows` (1 < rows <= its `max_rows()`) widens each weight
+  row inside the product that reads it, so the loop keeps no float32 copy (the params are made
+  loop-dependent in `_round`, as `infer.decode.in_loop` does for one-token steps, or XLA
+  would hoist the widening out of the loop). SmolLM2-135M, k = 8 (9 rows): a check read 29.7
+  ms from bfloat16 against 53-97 ms from the widened float32 copy (a shared 2-core CPU)."""
+  return (isinstance(params, packed_lib.PackedParams) and params.fmt == "bfloat16"
+          and packed_rows.applies(rows))
+
+
 def widened(params):
-  """The params the k + 1-token check reads: bfloat16 `lmjax.packed` weights widened to float32
-  once, before the loop (a multi-row product cannot widen inside its loop on XLA's CPU
-  backend: it would write float32 copies every round); anything else as it is."""
+  """The params a check of more rows than `lmjax.packed_rows` takes reads: bfloat16
+  `lmjax.packed` weights widened to float32 once, before the loop (XLA's matmul of the
+  bfloat16 matrix would widen all of it in every round); anything else as it is."""
   if not isinstance(params, packed_lib.PackedParams) or params.fmt == "float32":
     return params
   flat = flatten_dict(params.tree)
@@ -406,26 +367,48 @@ def _with_room(model, req: Request, k: int, cache_size, draft_model) -> Request:
   return dataclasses.replace(req, plan=dataclasses.replace(p, cache_len=round_up(need, 64)))
 
 
-def run(model, params, req: Request, tokenizer, *, draft=None, k: int = 4, prefix_cache=None,
-        cache_size=None) -> decode.GenerateResult:
-  """`infer.generate`'s path with a drafter and/or a prefix cache (arguments as there)."""
-  dmodel, dparams = (None, None) if draft is None else check_draft(model, draft, k, tokenizer)
-  check_prefix_cache(model, prefix_cache)
-  if draft is not None:
-    req = _with_room(model, req, k, cache_size, None if dmodel == "ngram" else dmodel)
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """A checked speculative request, ready to run (`setup`)."""
+
+  decoder: SpecDecoder
+  req: Request  # with room in the cache for the last round's drafts
+  params: Any
+  draft_params: Any  # None for "ngram"
+  inputs: dict  # the loop's inputs (cached prefixes included)
+  stash: prefix_glue.Stash | None  # for `prefix_glue.store`
+  k: int
+
+
+def check(model, req: Request, tokenizer, *, draft, k: int, prefix_cache=None,
+          cache_size=None) -> tuple[Any, Any, Request]:
+  """Checks the drafter and the prefix cache (ValueError, before compute); returns the draft
+  model and params (("ngram", None) for prompt lookup) and the request with room in its cache
+  for the last round's drafts."""
+  dmodel, dparams = check_draft(model, draft, k, tokenizer)
+  prefix_glue.check(model, prefix_cache)
+  req = _with_room(model, req, k, cache_size, None if dmodel == "ngram" else dmodel)
+  return dmodel, dparams, req
+
+
+def setup(model, params, checked: tuple, k: int, prefix_cache=None) -> Setup:
+  """The compiled loop and its inputs (cached prefixes found, shared ones prefilled) of a
+  `check`ed request; shared by `run` and `infer.stream`."""
+  dmodel, dparams, req = checked
+  ngram = dmodel == "ngram"
   params = decode.unwrap_params(params)
-  inputs, used, salt = cached_inputs(model, params, req, prefix_cache)
-  if draft is None:
-    state = decode.decoder_for(model, req.plan).run(params, inputs, req.consts)
-  else:
-    splan = SpecPlan(req.plan, int(k), "ngram" if dmodel == "ngram" else "model")
-    dec = decoder_for(model, None if dmodel == "ngram" else dmodel, splan)
-    state = dec.run(params, None if dmodel == "ngram" else dparams, inputs, req.consts)
-  result = decode.collect(req, state, tokenizer)
-  store(prefix_cache, salt, req, state["cache"], result.tokens, used)
-  if draft is None:
-    return result
+  inputs, stash = prefix_glue.cached_inputs(model, params, req, prefix_cache)
+  splan = SpecPlan(req.plan, int(k), "ngram" if ngram else "model")
+  dec = decoder_for(model, None if ngram else dmodel, splan)
+  return Setup(dec, req, params, None if ngram else dparams, inputs, stash, int(k))
+
+
+def finish(run: Setup, state: dict, tokenizer) -> SpeculativeResult:
+  """The result of a finished loop `state` (stored in the prefix cache, with statistics)."""
+  result = decode.collect(run.req, state, tokenizer)
+  prefix_glue.store(run.stash, run.req, state["cache"], result.tokens)
   rounds, acc, drafted = jax.device_get((state["rounds"], state["accepted"], state["drafted"]))
+  k = run.k
   return SpeculativeResult(
       **{f.name: getattr(result, f.name) for f in dataclasses.fields(result)},
       acceptance_rate=float(np.sum(acc)) / max(int(np.sum(drafted)), 1),
@@ -434,55 +417,11 @@ def run(model, params, req: Request, tokenizer, *, draft=None, k: int = 4, prefi
       drafted=[int(x) for x in drafted])
 
 
-def check_prefix_cache(model, prefix_cache) -> None:
-  """ValueError, before compute, for a `prefix_cache` that is not a `PrefixCache` for `model`."""
-  if prefix_cache is not None:
-    if not isinstance(prefix_cache, pc_lib.PrefixCache):
-      raise ValueError(f"prefix_cache must be an infer.PrefixCache, got {prefix_cache!r:.60}")
-    prefix_cache.check_model(model)
-
-
-def cached_inputs(model, params, req: Request, prefix_cache) -> tuple[dict, set, bytes | None]:
-  """The loop's inputs with the prompts' cached prefixes (shared prefixes of the batch
-  prefilled once first), the keys used and the salt; `req.inputs` without a cache."""
-  if prefix_cache is None:
-    return req.inputs, set(), None
-  salt = pc_lib.salt(model, params)
-  for ids in prefix_cache.shared_prefixes(salt, req.prompts):
-    if not prefix_cache.has(salt, ids):
-      _fill(model, params, prefix_cache, salt, ids, req)
-  extra, used = prefix_cache.inputs(model.config, salt, req.prompts, req.pad_id)
-  return dict(req.inputs, **(extra or {})), used, salt
-
-
-def store(prefix_cache, salt, req: Request, cache, tokens, used) -> None:
-  """Stores each prompt's blocks, and with one sample per prompt also those of its new tokens
-  but the last (their KV is in the final cache too): a chat's next turn, which starts with
-  this prompt and answer, prefills only its own new text."""
-  if prefix_cache is None:
-    return
-  n = req.plan.samples
-  ids = [list(p) + (list(tokens[i * n][:-1]) if n == 1 else [])
-         for i, p in enumerate(req.prompts)]
-  prefix_cache.store(salt, ids, cache, [i * n for i in range(req.plan.batch)], used)
-
-
-_FILLS: dict = {}
-
-
-def _fill(model, params, cache, salt, ids, req: Request) -> None:
-  """Prefills one shared prefix (batch 1) and stores its blocks."""
-  plan = dataclasses.replace(req.plan, batch=1, samples=1,
-                             cache_len=round_up(len(ids), 64), return_logits=False)
-  dec = decode.decoder_for(model, plan)
-  fn = _FILLS.get(id(dec))
-  if fn is None or fn[0] is not dec:
-    fn = (dec, jax.jit(dec._prefill))
-    _FILLS[id(dec)] = fn
-  tokens = np.full((1, max(16, round_up(len(ids), 16))), req.pad_id, np.int32)
-  tokens[0, :len(ids)] = ids
-  seg = (np.arange(tokens.shape[1]) < len(ids))[None].astype(np.int32)
-  inputs = {"tokens": tokens, "segment_ids": seg, "lengths": np.asarray([len(ids)], np.int32)}
-  extra, used = cache.inputs(model.config, salt, [ids], req.pad_id, count=False)
-  _, kv = fn[1](params, dict(inputs, **(extra or {})))
-  cache.store(salt, [ids], kv, [0], used)
+def run(model, params, req: Request, tokenizer, *, draft, k: int = 4, prefix_cache=None,
+        cache_size=None) -> SpeculativeResult:
+  """`infer.generate`'s path with a drafter (arguments as there)."""
+  checked = check(model, req, tokenizer, draft=draft, k=k, prefix_cache=prefix_cache,
+                  cache_size=cache_size)
+  r = setup(model, params, checked, k, prefix_cache)
+  state = r.decoder.run(r.params, r.draft_params, r.inputs, r.req.consts)
+  return finish(r, state, tokenizer)

@@ -1,6 +1,6 @@
 """lmjax: functional Flax (linen) transformers for the whole life of a language model."""
 
-from lmjax import checkpoint, compilation_cache, heads, packed, peft, quant
+from lmjax import checkpoint, compilation_cache, heads, inspect, packed, peft, quant
 from lmjax.attention_ops import (
     SegmentIds,
     get_attention,
@@ -20,6 +20,7 @@ __all__ = [
     "checkpoint",
     "compilation_cache",
     "heads",
+    "inspect",
     "packed",
     "peft",
     "quant",

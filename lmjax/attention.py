@@ -18,6 +18,7 @@ from lmjax.attention_ops import SegmentIds, get_attention, grouped_attention, re
 from lmjax.config import TransformerConfig
 from lmjax.embeddings import apply_rotary
 from lmjax.layers import Einsum
+from lmjax.sharding import check_sequence_split, constrain, sequence_shards
 
 Array = jax.Array
 
@@ -47,6 +48,21 @@ class MultiHeadAttention(nn.Module):
 
   def _attend(self, q, k, v, **kw) -> Array:
     cfg = self.config
+    if self.is_initializing() and sequence_shards() > 1:
+      # `init` traces on example inputs (any length) only for the params' shapes: no checks.
+      return reference_attention(q, k, v, **kw)
+    if cfg.attention == "reference" and check_sequence_split(k.shape[1], "key length") > 1:
+      # Context parallelism: each device keeps its block of queries and gathers all keys and
+      # values over the mesh's sequence axis (the kernel's wrapper,
+      # `infer.flash_attention.mesh_flash_attention`, does the same inside its shard_map).
+      # Keys and values are repeated to the N query heads first: grouped attention folds the
+      # G heads of a group into the query axis (head-major), which would gather the queries.
+      g = q.shape[2] // k.shape[2]
+      q = constrain(q, ("activation_batch", "activation_length", "heads", "head_dim"))
+      kv_names = ("activation_batch", "activation_kv_length", "kv_heads", "head_dim")
+      k, v = (constrain(jnp.repeat(constrain(a, kv_names), g, axis=2),
+                        ("activation_batch", "activation_kv_length", "heads", "head_dim"))
+              for a in (k, v))
     if self.train and cfg.attention_dropout_rate > 0.0:
       if cfg.attention != "reference":
         raise ValueError(f"attention_dropout_rate > 0 needs attention='reference', "
@@ -77,6 +93,12 @@ class MultiHeadAttention(nn.Module):
     qkv_bias = cfg.resolved_qkv_bias
     q = self._proj("query", n, "heads", qkv_bias)(x)
     b, t = x.shape[:2]
+    if sequence_shards() > 1 and (layer_cache is not None or cache_ctx is not None):
+      raise ValueError(f"a KV cache (decoding) cannot run on a mesh with sequence="
+                       f"{sequence_shards()} (context parallelism is for training and "
+                       "scoring); decode on a mesh with mesh.sequence=1")
+    if not self.is_initializing():
+      check_sequence_split(t, "query length")
     new_cache = None
     if self.cross:
       if encoder_out is None:  # decoding: the encoder's keys and values are in the cache

@@ -397,7 +397,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *,
   from lmjax.peft import runs as peft_runs  # a PEFT run: its base, then its adapter/
 
   if peft_runs.is_peft_run(run_config):
-    return peft_runs.load_peft_run(workdir, config, mesh)
+    return peft_runs.load_peft_run(workdir, config, mesh, head)
   tokenizer = load_run_tokenizer(workdir)
   steps = saved_steps(workdir)
   if not steps:

@@ -19,7 +19,9 @@ so every step reads float32 weights anyway. `pack` re-lays every projection out 
 The model runs unchanged under `reading(packed)`, an `nn.intercept_methods` wrapper that
 computes each `Einsum`, the tied embedding lookup and output projection, and an untied LM head
 from the packed arrays (activations and accumulation in float32). `infer.decode` recognises
-`PackedParams` and keeps the widening inside its loop (`loop_variant`). Packed params carry
+`PackedParams` and keeps the widening inside its loop (`loop_variant`). Products of 2 to 16
+rows (speculative verification, small batches) go through `lmjax.packed_rows`, which reads
+each weight row once for all rows. Packed params carry
 no logical axis names: they are for one device (or replicated); sharded serving keeps the
 model's own params.
 
@@ -43,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from lmjax import packed_rows
 from lmjax.embeddings import TokenEmbedding
 from lmjax.layers import Einsum, dtype_of, project_split
 from lmjax.sharding import constrain
@@ -51,8 +54,10 @@ from lmjax.transformer import LMHead
 Array = jax.Array
 FORMATS = ("bfloat16", "float32")
 # Integer formats: codes output-major like the float formats, a float32 scale per output and
-# group beside each (`<name>_scale`), applied after the row's dot (`lmjax.quant` rounding).
-INT_FORMATS = ("int8",)
+# group beside each (`<name>_scale`), applied after the row's dot (`lmjax.quant` rounding);
+# "int4": two codes per byte, the group scales applied inside the row's loop
+# (`lmjax.quant.packed_int4`).
+INT_FORMATS = ("int8", "int4")
 
 
 @flax.struct.dataclass
@@ -121,8 +126,9 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
   Args:
     model: an `lmjax.CausalLM`, `MaskedLM` or `Seq2SeqLM` (scanned layers or not).
     params: its raw params tree (or `{"params": tree}`); left unchanged.
-    fmt: the storage format: "bfloat16" (weights rounded once, 2 bytes each) or "float32"
-      (exact).
+    fmt: the storage format: "bfloat16" (weights rounded once, 2 bytes each), "float32"
+      (exact), "int8" (`lmjax.quant.packed_int`) or "int4" (`lmjax.quant.packed_int4`: two
+      codes per byte, a scale per 32 inputs, the embedding int8).
 
   Returns:
     `PackedParams`: every projection matrix transposed to `[outputs..., inputs...]` and
@@ -136,8 +142,11 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
     raise ValueError(f"unknown packed format {fmt!r}; formats are {FORMATS + INT_FORMATS}")
   if isinstance(params, PackedParams):
     raise ValueError("params are already packed")
+  if fmt == "int4":
+    from lmjax.quant import packed_int4  # lmjax.quant imports this module
+    return packed_int4.pack(model, params, fmt)
   if fmt in INT_FORMATS:
-    from lmjax.quant import packed_int  # lmjax.quant imports this module
+    from lmjax.quant import packed_int
     return packed_int.pack(model, params, fmt)
   if isinstance(params, dict) and set(params) == {"params"}:
     params = params["params"]
@@ -166,6 +175,9 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
 
 def unpack(packed: PackedParams) -> Any:
   """The raw params tree back: packed matrices in the model's layout, as float32."""
+  if packed.fmt == "int4":
+    from lmjax.quant import packed_int4
+    return packed_int4.unpack(packed)
   if packed.fmt in INT_FORMATS:
     from lmjax.quant import packed_int
     return packed_int.unpack(packed)
@@ -183,7 +195,9 @@ def unpack(packed: PackedParams) -> Any:
 
 # Products with at most this many rows (batch-1 decoding) stream each packed row through one
 # loop per output, and decode loops with at most this many rows keep the widening inside the
-# loop (`loop_variant`). More rows use XLA's matmul on the widened matrix, which XLA hoists
+# loop (`loop_variant`). A few more (a speculative verify step, a small batch: up to
+# `lmjax.packed_rows.MAX_ROWS`) read each weight row once for all rows (`lmjax.packed_rows`).
+# More rows (a prompt's prefill) use XLA's matmul on the widened matrix, which XLA hoists
 # out of a decode loop (float32 copies for the loop's duration; 8 rows ran 0.82x (smollm2
 # shape) to 0.91x (demo) as fast as the model's own float32 params, `benchmarks/decode.py`).
 MAX_STREAMED_ROWS = 1
@@ -192,6 +206,12 @@ MAX_STREAMED_ROWS = 1
 def _matmul_t(x: Array, w: Array, scale: Array | None = None) -> Array:
   """`x [M, K] @ widen(w [N, K]).T` in float32 (integer codes: times `scale` `[N, G]`)."""
   x = x.astype(jnp.float32)
+  if w.dtype == jnp.uint8:  # int4: two codes per byte
+    from lmjax.quant import packed_int4
+    return packed_int4.matmul_t(x, w, scale, x.shape[0] <= MAX_STREAMED_ROWS, _flat_copy)
+  if (x.shape[0] > MAX_STREAMED_ROWS and packed_rows.applies(x.shape[0])
+      and (scale is None or scale.shape[-1] == 1)):  # a few rows: each weight row read once
+    return packed_rows.matmul_t(x, w, scale)
   if scale is not None:
     from lmjax.quant import packed_int
     return packed_int.matmul_t(x, w, scale, x.shape[0] <= MAX_STREAMED_ROWS, _flat_copy)
@@ -224,7 +244,8 @@ def _einsum(m: Einsum, x: Array) -> Array:
   k = project_split(m.eqn)
   free = m.shape[k:]
   lead = x.shape[:x.ndim - k]
-  y = _matmul_t(x.reshape(-1, w.shape[1]), w, _scale(m, "kernel"))
+  # (inputs from x: int4 codes hold two per byte, so w has half as many columns)
+  y = _matmul_t(x.reshape(-1, math.prod(x.shape[len(lead):])), w, _scale(m, "kernel"))
   y = y.reshape(lead + free).astype(dtype_of(m.dtype))
   if m.bias_axes is not None:
     b = m.get_variable("params", "bias").astype(y.dtype)

@@ -26,7 +26,6 @@ response token left is dropped. Both are counted (`EncodeStats`) and reported by
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from infer import prompts as prompts_lib
+from train import jsonl
 
 EMBEDDED = {"chat": "the embedded English chat set (chatterbot-corpus, train.chat_corpus)"}
 FORMATS = ('{"messages": [...]}', '{"prompt", "completion"}', '{"text"}')
@@ -57,25 +57,7 @@ class Row:
 
 
 def _jsonl_rows(path: Path) -> list[Row]:
-  if not path.exists():
-    raise FileNotFoundError(f"no data file {str(path)!r}")
-  opener = gzip.open if path.suffix == ".gz" else open
-  rows = []
-  with opener(path, "rt", encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{n}"
-      try:
-        data = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not a JSON line ({e})") from e
-      if not isinstance(data, dict):
-        raise DataError(f"{where}: a row must be a JSON object, got {type(data).__name__}")
-      rows.append(Row(data, where))
-  if not rows:
-    raise DataError(f"{path} holds no rows")
-  return rows
+  return [Row(data, where) for where, data in jsonl.read_objects(path, DataError)]
 
 
 def _tfds_rows(name: str, split: str, data_dir: str | None) -> list[Row]:

@@ -68,6 +68,8 @@ class MeshConfig:
   """Device mesh axes (see `lmjax.sharding`): one may be -1 (the rest of the devices).
 
   Explicit sizes whose product is below the device count use the first devices only.
+  `sequence` > 1 splits each row's tokens over that many devices (context parallelism, for
+  long contexts; `data.seq_len` must split evenly, and decoding needs sequence=1).
   `distributed`: call `jax.distributed.initialize()` (true), never (false), or when the
   environment names a coordinator or a multi-host TPU slice (none, the default).
   """
@@ -75,14 +77,20 @@ class MeshConfig:
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  sequence: int = 1
   distributed: bool | None = None
 
   def __post_init__(self):
     check_types(self)
-    sizes = (self.data, self.fsdp, self.tensor)
+    sizes = self.sizes
     if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-      raise ValueError(f"mesh: data={self.data} fsdp={self.fsdp} tensor={self.tensor}; each "
-                       "must be >= 1, and at most one may be -1")
+      raise ValueError(f"mesh: data={self.data} fsdp={self.fsdp} tensor={self.tensor} "
+                       f"sequence={self.sequence}; each must be >= 1, and at most one may be -1")
+
+  @property
+  def sizes(self) -> tuple[int, int, int, int]:
+    """(data, fsdp, tensor, sequence), the order of `lmjax.make_mesh`'s arguments."""
+    return (self.data, self.fsdp, self.tensor, self.sequence)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,13 @@ teacher's vocabulary and tokenizer. Teacher and student must share the vocabular
   with RL), and the teacher scores every token of them (`train.distill_onpolicy`; the loss is
   the divergence alone, alpha = 1; `kd.beta=1` is GKD's reverse KL). The report's `on_policy`
   section lists the steps that trained on the student's samples and the student's KL to the
-  teacher on its own samples of held-out prompts before and after training.
+  teacher on its own samples of held-out prompts before and after training. The rollouts
+  follow the newest params through the job's `Trainer.fit` hook (`Job.hooks`).
+
+`--set peft.method=lora peft.rank=8` (any `train.peft_config` method) trains an adapter on a
+pretrained student's frozen weights instead of every weight (`train.distill_peft`): the frozen
+tree then holds the student's base and the teacher, and the run writes the adapter as Hugging
+Face PEFT files to `DIR/adapter/` (`load_run(DIR)` merges it into the base).
 
 SOURCE is `synthetic` or any `train.sft` source (`chat`, `jsonl:PATH`, `tfds:NAME`): KD runs on
 real text too. With no arguments, the `demo` preset distills SmolLM2-135M-Instruct into a new
@@ -45,7 +51,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import sys
 from collections.abc import Callable, Sequence
 
@@ -53,7 +58,15 @@ import jax
 
 import lmjax
 from lmjax import checkpoint as layout
-from train import chat_data, distill_data, distill_onpolicy, distill_topk, sft
+from train import (
+    chat_data,
+    distill_data,
+    distill_onpolicy,
+    distill_peft,
+    distill_report,
+    distill_topk,
+    sft,
+)
 from train import config as config_lib
 from train import job as job_lib
 from train.distill_config import (  # noqa: F401
@@ -64,18 +77,16 @@ from train.distill_config import (  # noqa: F401
     DistillConfig,
     DistillDataConfig,
     DistillReportConfig,
+    check_method,
     check_vocab,
+    is_new_student,
+    with_source,
 )
 from train.distill_losses import kd_loss, stored_kd_loss
+from train.distill_report import baseline_config, compare, needs_baseline, print_comparison
 from train.sft_config import MODEL_MAY_CHANGE
-from train.trainer import Frozen
 
 log = logging.getLogger("train.distill")
-
-
-def is_new_student(student: str) -> bool:
-  """A student named by an `lmjax.PRESETS` name is a new model (fresh init)."""
-  return student in lmjax.PRESETS
 
 
 def resolve_models(config: DistillConfig, sets: Sequence[str]) -> DistillConfig:
@@ -103,17 +114,6 @@ def resolve_models(config: DistillConfig, sets: Sequence[str]) -> DistillConfig:
                      "may change any)")
   out = dataclasses.replace(stub, model=student, teacher_model=teacher)
   return config_lib.apply_overrides(out, model_sets) if model_sets else out
-
-
-def _data_with(config: DistillConfig, source: str) -> DistillConfig:
-  return dataclasses.replace(config, data=dataclasses.replace(config.data, source=source))
-
-
-def _summary(ev: dict) -> dict:
-  """Perplexity (from the cross entropy) and the agreement with the teacher, per token."""
-  out = {"perplexity": math.exp(min(ev["ce"], 700.0)), "ce": ev["ce"], "tokens": ev["tokens"]}
-  out.update({k: ev[k] for k in ("kl_teacher", "accept", "greedy_agree") if k in ev})
-  return out
 
 
 class Distill(job_lib.Job):
@@ -161,20 +161,26 @@ class Distill(job_lib.Job):
       return stored_kd_loss(kd)
     return kd_loss(lmjax.model_for(config.teacher_model), kd)
 
+  # --- what trains (the student, or its `peft` adapter) and what is frozen (`distill_peft`) --
+
+  def model(self, config):
+    ps = distill_peft.peft_setup(config)
+    return ps.model if ps else super().model(config)
+
   def partition(self, config):
-    if config.kd.teacher == "stored":  # No teacher in the step: its top-k come with the data.
-      return None, None
-    teacher = lmjax.model_for(config.teacher_model)
-    inputs = lmjax.counting.example_inputs(config.teacher_model)
-    boxed = jax.eval_shape(lambda: teacher.init(jax.random.key(0), *inputs)["params"])
-    return None, Frozen(boxed, lambda student, teacher: {"student": student, "teacher": teacher})
+    return distill_peft.partition(config)
 
   def frozen_params(self, config, trainer):
-    params = getattr(self, "_teacher_params", None)
-    self._teacher_params = None
-    if params is None:
-      params, _ = sft.load_base(config.teacher, config.teacher_model, trainer.mesh)
-    return params
+    teacher, self._teacher_params = getattr(self, "_teacher_params", None), None
+    return distill_peft.frozen_value(
+        config, lambda: sft.load_base(config.student, config.model, trainer.mesh)[0],
+        lambda: teacher if teacher is not None else sft.load_base(
+            config.teacher, config.teacher_model, trainer.mesh)[0])
+
+  def _student(self, config, params):
+    """The student's params from the trainable ones, as rollouts take them."""
+    frozen = self._trainer.frozen_params if config.peft.enabled else None
+    return distill_peft.student_params(config, params, frozen)
 
   def tokenizer(self, config, workdir, restored):
     self._workdir = layout.run_path(workdir)
@@ -187,12 +193,18 @@ class Distill(job_lib.Job):
     return tok
 
   def _load_teacher(self, config):
-    params, tok = sft.load_base(config.teacher, config.teacher_model, None)
-    self._teacher_params = params
+    """The teacher that writes the synthetic data (or its top-k), sharded over the trainer's
+    mesh as the frozen teacher is, and kept for `frozen_params`. With many processes only
+    process 0 generates: it reads the teacher onto its own devices and every process reads the
+    frozen copy again onto the mesh."""
+    one = jax.process_count() == 1
+    params, tok = sft.load_base(config.teacher, config.teacher_model,
+                                self._trainer.mesh if one else None)
+    self._teacher_params = params if one else None
     return lmjax.model_for(config.teacher_model), params, tok
 
   def check(self, config, trainer, tokenizer):
-    self._gen, self._on_policy = None, None
+    self._gen, self._on_policy, self._trainer = None, None, trainer
     data = config
     if config.data.source == SYNTHETIC:
       path = self._workdir / SYNTHETIC_FILE
@@ -203,7 +215,7 @@ class Distill(job_lib.Job):
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("distill: synthetic data written")
-      data = _data_with(config, f"jsonl:{path}")
+      data = with_source(config, f"jsonl:{path}")
     self._table = None
     if config.kd.teacher == "stored":
       self._store_topk(config, data, tokenizer)
@@ -214,7 +226,7 @@ class Distill(job_lib.Job):
       self._data[split], self._stats[split] = examples, dataclasses.asdict(stats)
     self._real = None
     if config.report.real_text != data.data.source:
-      _, self._real, _ = sft._encoded(_data_with(config, config.report.real_text), tokenizer,
+      _, self._real, _ = sft._encoded(with_source(config, config.report.real_text), tokenizer,
                                       "heldout")
 
   def _store_topk(self, config, data, tokenizer):
@@ -249,7 +261,7 @@ class Distill(job_lib.Job):
     return sft.make_batches(config, tokenizer, split, self._data[split])
 
   def initial_state(self, config, trainer):
-    if is_new_student(config.student):
+    if is_new_student(config.student) or config.peft.enabled:  # LoRA: B = 0, the base itself
       return trainer.init_state()
     params, _ = sft.load_base(config.student, config.model, trainer.mesh)
     return job_lib.state_from_params(trainer, params, donate=True)
@@ -267,11 +279,20 @@ class Distill(job_lib.Job):
       return self._on_policy
     return batches
 
+  def hooks(self, config):
+    if config.method != "on-policy":
+      return ()
+
+    def follow(step, state):  # After each step: the next rollout samples the params it made.
+      if self._on_policy is not None:  # (None: the caller gave its own train batches.)
+        self._on_policy.update(step, self._student(config, state.params))
+
+    return (follow,)
+
   def before_training(self, config, trainer, state, tokenizer, start, feedback):
     if self._on_policy is None:  # Not on-policy, or the caller gave its own train batches.
       return {}
-    # Every train step of this trainer now hands its params to the rollouts: no hook needed.
-    self._on_policy.follow(trainer, state, start)
+    self._on_policy.update(start, self._student(config, state.params))
     self._start = start
     return {"student_samples": self._own_samples(config, trainer, state.params)}
 
@@ -285,7 +306,7 @@ class Distill(job_lib.Job):
     held = [p for p in held if len(p) <= config.data.seq_len + 1 - op.max_new_tokens]
     pool = held or op.prompts
     prompts = [pool[i % len(pool)] for i in range(config.data.batch_size)]
-    batch = op.samples(params, prompts, seed=config.train.seed + 1)
+    batch = op.samples(self._student(config, params), prompts, seed=config.train.seed + 1)
     ev = trainer.evaluate(params, iter([batch]), 1)
     return {k: ev[k] for k in ("kl_student", "kl_teacher", "accept", "greedy_agree", "tokens")}
 
@@ -308,91 +329,22 @@ class Distill(job_lib.Job):
           "student_samples": {"before": before["student_samples"],
                               "after": self._own_samples(config, trainer, params)}}
     if self._real:
-      real = sft.make_batches(_data_with(config, config.report.real_text), tokenizer,
+      real = sft.make_batches(with_source(config, config.report.real_text), tokenizer,
                               "heldout", self._real)
-      out["real_text"] = _summary(trainer.evaluate(params, real, config.train.eval_batches))
+      out["real_text"] = distill_report.summary(trainer.evaluate(params, real,
+                                                                 config.train.eval_batches))
+    ps = distill_peft.peft_setup(config)
+    if ps:  # DIR/adapter/: Hugging Face PEFT files pointing at the student's base
+      ps.save(self._workdir, config.model, params, base=config.student)
+      out["peft"] = {"method": config.peft.method, "trainable_params": lmjax.peft.count(params),
+                     "adapter": str(self._workdir / "adapter")}
     return out
 
   def print_report(self, result, out=print):
-    v = result.get("validation")
-    if v:
-      s = _summary(v)
-      out(f"held-out: student perplexity {s['perplexity']:.2f}" + (
-          f", KL to the teacher {s['kl_teacher']:.4f}, drafting acceptance {s['accept']:.3f}, "
-          f"greedy agreement {s['greedy_agree']:.3f}" if "kl_teacher" in s else
-          f", divergence to the teacher's stored top-k {v['divergence']:.4f}"
-          if "divergence" in v else ""))
-    o = result.get("on_policy")
-    if o:
-      b, a = o["student_samples"]["before"], o["student_samples"]["after"]
-      out(f"on-policy: {len(o['steps'])} of {o['of_steps']} steps on the student's samples "
-          f"(lmbda {o['lmbda']}); on its own samples, KL(student || teacher) "
-          f"{b['kl_student']:.4f} -> {a['kl_student']:.4f}")
-    r = result.get("real_text")
-    if r:
-      out(f"real text: student perplexity {r['perplexity']:.2f}" + (
-          f", KL to the teacher {r['kl_teacher']:.4f}, drafting acceptance {r['accept']:.3f}"
-          if "kl_teacher" in r else ""))
-
-
-def check_method(config: DistillConfig) -> None:
-  """What the method needs, checked before any work."""
-  if config.method == "data" and config.data.source != SYNTHETIC and not \
-      config.data.source.startswith("jsonl:"):
-    raise ValueError(f"--method data trains on the teacher's answers: data.source must be "
-                     f"'synthetic' (or a jsonl file of them), not {config.data.source!r}")
-  if config.kd.teacher == "stored":
-    if config.method != "kd":
-      raise ValueError(f"kd.teacher=stored is for --method kd (on-policy samples need the live "
-                       f"teacher), not --method {config.method}")
-    if config.generate.store_topk < 1:
-      raise ValueError("kd.teacher=stored needs generate.store_topk=K >= 1 (how many of the "
-                       "teacher's log-probs per token to store beside the data)")
-    if config.data.source != SYNTHETIC and not config.data.source.startswith("jsonl:"):
-      raise ValueError(f"kd.teacher=stored stores the teacher's top-k beside a jsonl file: "
-                       f"data.source must be 'synthetic' or jsonl:PATH, not "
-                       f"{config.data.source!r}")
+    distill_report.print_report(result, out)
 
 
 JOB = Distill()
-
-
-def baseline_config(config: DistillConfig, workdir) -> DistillConfig:
-  """The same student, data and batches, with cross entropy only (`kd.alpha=0`)."""
-  source = config.data.source
-  if source == SYNTHETIC:
-    source = f"jsonl:{layout.run_path(workdir) / SYNTHETIC_FILE}"
-  return dataclasses.replace(
-      _data_with(config, source), method="kd", kd=dataclasses.replace(config.kd, alpha=0.0),
-      report=dataclasses.replace(config.report, baseline=False))
-
-
-def needs_baseline(config: DistillConfig) -> bool:
-  return config.report.baseline and (config.method == "on-policy" or (
-      config.method == "kd" and config.kd.alpha > 0))
-
-
-def compare(workdir) -> dict:
-  """The KD student beside the CE-only one (`WORKDIR/report.json`, `WORKDIR/baseline/...`);
-  writes `WORKDIR/comparison.json`."""
-  w = layout.run_path(workdir)
-  runs = {"distilled": w, "ce_only": w / "baseline"}
-  table = {}
-  for name, d in runs.items():
-    r = json.loads((d / "report.json").read_text())
-    table[name] = {"heldout": _summary(r["validation"]), "real_text": r.get("real_text")}
-  job_lib.write_json(w / "comparison.json", table)
-  return table
-
-
-def print_comparison(table: dict, out=print) -> None:
-  out(f"{'student':<10} {'split':<9} {'ppl':>8} {'KL(T||S)':>9} {'accept':>7} {'greedy':>7}")
-  for name, splits in table.items():
-    for split, s in splits.items():
-      if s:
-        nan = float("nan")
-        out(f"{name:<10} {split:<9} {s['perplexity']:>8.2f} {s.get('kl_teacher', nan):>9.4f} "
-            f"{s.get('accept', nan):>7.3f} {s.get('greedy_agree', nan):>7.3f}")
 
 
 def run(config: DistillConfig, workdir, *, hooks: Sequence[Callable] = (), train_batches=None):

@@ -5,19 +5,23 @@ both read when the run is set up (`train.distill.resolve_models`). A student nam
 `lmjax.PRESETS` name is a new model (fresh init) given the teacher's vocabulary, and any
 `model.*` key may be set; a pretrained student or a run dir keeps its shape (only
 `train.sft_config.MODEL_MAY_CHANGE` keys), as does the teacher (`teacher_model.*`).
+
+`peft` (`train.peft_config`, e.g. `--set peft.method=lora peft.rank=8`): the student trains an
+adapter on its frozen pretrained weights (`train.distill_peft`). `check_method` checks what a
+method needs before any work.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any
 
+import lmjax
 from lmjax.config import TransformerConfig
 from train import config as config_lib
 from train.distill_data import GenerateConfig
 from train.distill_losses import KDConfig
 from train.overrides import check_types
+from train.run_sections import FineTuneRun
 from train.sft_config import SFTDataConfig
 
 METHODS = ("data", "kd", "on-policy")
@@ -60,8 +64,13 @@ class DistillReportConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DistillConfig:
-  """A distillation run: `teacher` into `student` by `method`."""
+class DistillConfig(FineTuneRun):
+  """A distillation run: `teacher` into `student` by `method` (the shared sections:
+  `train.run_sections.FineTuneRun`; `model` is the student's config)."""
+
+  MODEL_FIELD = "student"
+  MODEL_FLAG = "--student"
+  MODEL_KIND = "the student must be a decoder-only (CausalLM) model"
 
   teacher: str = "smollm2-135m-instruct"
   student: str = "smollm2-student"
@@ -69,35 +78,24 @@ class DistillConfig:
   data: DistillDataConfig = dataclasses.field(default_factory=DistillDataConfig)
   generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
   kd: KDConfig = dataclasses.field(default_factory=KDConfig)
-  model: TransformerConfig | None = None
   teacher_model: TransformerConfig | None = None
-  optimizer: config_lib.OptimizerConfig = dataclasses.field(
-      default_factory=config_lib.OptimizerConfig)
-  mesh: config_lib.MeshConfig = dataclasses.field(default_factory=config_lib.MeshConfig)
-  checkpoint: config_lib.CheckpointConfig = dataclasses.field(
-      default_factory=config_lib.CheckpointConfig)
-  train: config_lib.TrainConfig = dataclasses.field(default_factory=config_lib.TrainConfig)
   report: DistillReportConfig = dataclasses.field(default_factory=DistillReportConfig)
 
   def __post_init__(self):
-    check_types(self)
+    super().__post_init__()
     if self.method not in METHODS:
       raise ValueError(f"method={self.method!r}; methods are {METHODS}")
-    if not self.teacher or not self.student:
-      raise ValueError("teacher (--teacher) and student (--student) must be named")
-    for name, m in (("student", self.model), ("teacher", self.teacher_model)):
-      if m is None:
-        continue
-      if m.num_encoder_layers or not m.num_decoder_layers:
-        raise ValueError(f"the {name} must be a decoder-only (CausalLM) model")
-      if self.data.seq_len > m.max_len:
-        raise ValueError(f"data.seq_len={self.data.seq_len} is above the {name}'s max_len="
-                         f"{m.max_len}; lower data.seq_len")
+    if not self.teacher:
+      raise ValueError("teacher (--teacher) must name a pretrained model or a run dir")
+    if self.teacher_model is not None and (self.teacher_model.num_encoder_layers
+                                           or not self.teacher_model.num_decoder_layers):
+      raise ValueError("the teacher must be a decoder-only (CausalLM) model")
+    self.check_seq_len(self.data.seq_len)
+    if self.teacher_model is not None and self.data.seq_len > self.teacher_model.max_len:
+      raise ValueError(f"data.seq_len={self.data.seq_len} is above the teacher's max_len="
+                       f"{self.teacher_model.max_len}; lower data.seq_len")
     if self.model is not None and self.teacher_model is not None:
       check_vocab(self.teacher_model.vocab_size, self.model.vocab_size)
-
-  def to_dict(self) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 def check_vocab(teacher: int, student: int) -> None:
@@ -107,6 +105,49 @@ def check_vocab(teacher: int, student: int) -> None:
                      "distillation compares distributions over the same token ids, so both "
                      "must use the teacher's tokenizer (a new student takes the teacher's "
                      "vocab_size; give a student with the same vocabulary)")
+
+
+def with_source(config: DistillConfig, source: str) -> DistillConfig:
+  """`config` reading `data.source=source`."""
+  return dataclasses.replace(config, data=dataclasses.replace(config.data, source=source))
+
+
+def is_new_student(student: str) -> bool:
+  """A student named by an `lmjax.PRESETS` name is a new model (fresh init)."""
+  return student in lmjax.PRESETS
+
+
+def check_method(config: DistillConfig) -> None:
+  """What the method (and the `peft` section) needs, checked before any work."""
+  jsonl = config.data.source == SYNTHETIC or config.data.source.startswith("jsonl:")
+  if config.method == "data" and not jsonl:
+    raise ValueError(f"--method data trains on the teacher's answers: data.source must be "
+                     f"'synthetic' (or a jsonl file of them), not {config.data.source!r}")
+  if config.kd.teacher == "stored":
+    if config.method != "kd":
+      raise ValueError(f"kd.teacher=stored is for --method kd (on-policy samples need the live "
+                       f"teacher), not --method {config.method}")
+    if config.generate.store_topk < 1:
+      raise ValueError("kd.teacher=stored needs generate.store_topk=K >= 1 (how many of the "
+                       "teacher's log-probs per token to store beside the data)")
+    if not jsonl:
+      raise ValueError(f"kd.teacher=stored stores the teacher's top-k beside a jsonl file: "
+                       f"data.source must be 'synthetic' or jsonl:PATH, not "
+                       f"{config.data.source!r}")
+  if not config.peft.enabled:
+    return
+  if is_new_student(config.student):
+    raise ValueError(f"peft.method={config.peft.method} trains an adapter on a pretrained "
+                     f"student's frozen weights; the student {config.student!r} is a new model "
+                     "(give a pretrained name or path, or a run dir, or drop peft.method)")
+  if config.peft.method == "prompt":
+    if config.method == "on-policy":
+      raise ValueError("peft.method=prompt is not supported with --method on-policy (the "
+                       "virtual tokens shift the rollout's positions); use peft.method=lora "
+                       "or adapter")
+    if config.data.pack:
+      raise ValueError("peft.method=prompt puts the soft prompt before each row: set "
+                       "data.pack=false (one example per row)")
 
 
 def _demo() -> DistillConfig:

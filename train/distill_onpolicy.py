@@ -7,10 +7,10 @@ the teacher then scores every completion token in the KD loss (alpha = 1: the di
 with `kd.beta`, GKD's reverse KL at 1). The other steps take the data's own batches. The loss
 mask is the completion alone: not the prompt, and nothing after the EOS that ended it.
 
-The batches follow the params: `OnPolicyBatches.follow(trainer, ...)` (the job calls it before
-step 0) makes every `trainer.train_step` hand its new params to the batches, so a rollout always
-samples the student the last step produced, whoever runs the loop (`train.job.run` needs no
-extra hook). The steps that were on-policy are recorded (`served`) for the report.
+The batches follow the params: `OnPolicyBatches.update(step, params)` hands them the student's
+newest params; `train.distill` calls it before step 0 and, through its `Trainer.fit` hook
+(`Job.hooks`), after every step, so a rollout always samples the student the last step
+produced. The steps that were on-policy are recorded (`served`) for the report.
 """
 
 from __future__ import annotations
@@ -73,23 +73,10 @@ class OnPolicyBatches:
     self.step = 0
     self.served: list[int] = []  # The steps whose batch was the student's own samples.
 
-  def update(self, step: int, state) -> None:
-    """`state` after `step` steps (the trainer's hook convention): the next batch, step
-    `step`'s, samples from `state.params`."""
-    self.params, self.step = state.params, step
-
-  def follow(self, trainer, state, start: int) -> None:
-    """Starts at step `start` from `state` and follows `trainer`: its `train_step` (on this
-    trainer object only) passes each new state here, so the next rollout samples it."""
-    self.update(start, state)
-    step_fn = trainer.train_step
-
-    def train_step(state, step, batch):
-      state, metrics = step_fn(state, step, batch)
-      self.update(int(step) + 1, state)
-      return state, metrics
-
-    trainer.train_step = train_step
+  def update(self, step: int, params) -> None:
+    """The student's `params` after `step` steps (as `infer` takes them; the trainer's hook
+    convention): the next batch, step `step`'s, samples from them."""
+    self.params, self.step = params, step
 
   def on_policy(self, step: int) -> bool:
     return np.random.default_rng([self.seed, step]).random() < self.lmbda
@@ -102,8 +89,7 @@ class OnPolicyBatches:
     if not self.on_policy(step):
       return next(self.offline)
     if self.params is None:
-      raise RuntimeError("OnPolicyBatches has no params: call follow(trainer, state, start) "
-                         "(or update) first")
+      raise RuntimeError("OnPolicyBatches has no params: call update(step, params) first")
     self.served.append(step)
     rng = np.random.default_rng([self.seed, step, 1])
     pick = rng.choice(len(self.prompts), self.batch_size, replace=True)

@@ -15,6 +15,12 @@ accuracy, held out, before and after.
 
 DIR (default `./runs/dpo-PRESET`) is a run dir like SFT's: `python -m infer --workdir DIR`,
 `lmjax.checkpoint.load_run(DIR)` and `lmjax.save_pretrained` use the trained policy as it is.
+
+`--set peft.method=lora peft.rank=8 peft.targets=query,value` (`train.peft_config`; QLoRA with
+`peft.base_quant=nf4`, bottleneck adapters with `peft.method=adapter`) trains an adapter on the
+frozen base; the reference is then the base without the adapter, from the same arrays (no
+second copy of the model), and the run writes the adapter to `DIR/adapter/` as Hugging Face
+PEFT files (`load_run(DIR)` gives the base with it merged).
 """
 
 from __future__ import annotations
@@ -55,17 +61,23 @@ class DPO(PreferenceJob):
     super().check(config, trainer, tokenizer)
     if config.dpo.precompute_reference:
       self._loaded = self._base(config, trainer)  # initial_state reuses it on a fresh run
+      model, ref = trainer.model, self._loaded
+      ps = self._peft(config)
+      if ps:  # the reference is the base as the policy holds it (NF4 for QLoRA), no adapter
+        self._frozen = ps.frozen_value(self._loaded)
+        ref = ps.reference(ps.combine({}, self._frozen))
       for examples in self._data.values():
-        add_reference_log_probs(trainer.model, self._loaded, examples, config.data.seq_len,
+        add_reference_log_probs(model, ref, examples, config.data.seq_len,
                                 config.data.batch_size)
 
   def partition(self, config):
+    ps = self._peft(config)
+    if ps:  # the adapter trains; the base is held once, the policy with it, the reference not
+      return ps.init_params, (ps.frozen if config.dpo.precompute_reference
+                              else ps.frozen_with(_policy_and_reference))
     if config.dpo.precompute_reference:
       return None, None  # the reference's log-probs come with the batches
     # The trainable params are the policy's own (model.init); the reference is frozen.
-    # PEFT (the `peft` section) replaces this: init_params = the adapter alone, and the
-    # combine puts the adapter on the frozen base for the policy and leaves it off for the
-    # reference, so the base is held once.
     model = lmjax.model_for(config.model)
     inputs = lmjax.counting.example_inputs(config.model)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs)["params"])
@@ -80,10 +92,16 @@ class DPO(PreferenceJob):
 
   def frozen_params(self, config, trainer):
     self._loaded = self._base(config, trainer)  # initial_state reuses it on a fresh run
+    ps = self._peft(config)
+    if ps:
+      frozen, self._frozen = getattr(self, "_frozen", None), None
+      return ps.frozen_value(self._loaded) if frozen is None else frozen
     return self._loaded
 
   def initial_state(self, config, trainer):
     base, self._loaded = self._base(config, trainer), None
+    if self._peft(config):
+      return trainer.init_state()  # a fresh adapter (LoRA: B = 0, the policy is the base)
     return job_lib.state_from_params(trainer, base)  # the frozen copy stays as it is
 
   def print_report(self, result, out=print):

@@ -36,12 +36,12 @@ generation prompt.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from pathlib import Path
 from typing import Any
 
 from infer import prompts
+from train import jsonl
 
 KINDS = ("choice", "generate", "perplexity")
 BUILTIN = ("chat", "arithmetic", "shakespeare")
@@ -185,24 +185,8 @@ def shakespeare_task(opts: TaskOptions) -> Task:
 # --- JSONL tasks ------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-  if not path.is_file():
-    raise FileNotFoundError(f"no task file {str(path)!r}")
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not a JSON line ({e})") from e
-      if not isinstance(row, dict):
-        raise ValueError(f"{path}:{n}: a row must be a JSON object, got {type(row).__name__}")
-      rows.append((f"{path}:{n}", row))
-  if not rows:
-    raise ValueError(f"{path} holds no rows")
-  return rows
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
+  return jsonl.read_objects(path, kind="task")
 
 
 def _jsonl_item(where: str, row: dict, kind: str) -> Item:

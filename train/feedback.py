@@ -239,12 +239,10 @@ class Feedback:
     """Writes `loss.png`: the training loss (per logged point) and the validation loss."""
     if not self.writer:
       return None
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if self.train_curve:
       ax.plot(*zip(*self.train_curve), label="train", lw=1)
     if self.eval_curve:
@@ -256,7 +254,6 @@ class Feedback:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     path = self.workdir / "loss.png"
     path.write_bytes(buf.getvalue())
     return path

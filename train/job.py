@@ -100,6 +100,12 @@ class Job:
   def tokens_per_row(self, config: Any) -> int:
     return config.data.seq_len
 
+  def hooks(self, config: Any) -> Sequence[Callable[[int, TrainState], TrainState | None]]:
+    """The job's own `Trainer.fit` hooks, `fn(step, state) -> state | None` after each step
+    (e.g. on-policy batches following the newest params); run after the caller's `hooks`
+    (`run`), so they see the state the next step trains from."""
+    return ()
+
   def before_training(self, config: Any, trainer: Trainer, state: TrainState, tokenizer,
                       start: int, feedback: Feedback) -> dict[str, Any]:
     """Figures of the starting point (e.g. SFT's held-out loss before fine-tuning)."""
@@ -137,7 +143,7 @@ def resolve_precision(config):
 
 def build_mesh(mesh: config_lib.MeshConfig) -> jax.sharding.Mesh:
   devices = jax.devices()
-  sizes = (mesh.data, mesh.fsdp, mesh.tensor)
+  sizes = mesh.sizes
   want = int(np.prod(sizes))
   if -1 not in sizes and want < len(devices) and jax.process_count() == 1:
     log.info("mesh %s uses %d of %d devices", sizes, want, len(devices))
@@ -188,7 +194,7 @@ def run(job: Job, config, workdir: str | os.PathLike, *, hooks: Sequence[Callabl
   """Trains (or resumes) the run in `workdir`; returns the final figures.
 
   `train_batches` replaces the job's train pipeline (tests: the same global batch from other
-  host layouts); `hooks` go to `Trainer.fit`.
+  host layouts); `hooks` go to `Trainer.fit`, before the job's own (`Job.hooks`).
   """
   workdir = layout.run_path(workdir)
   config = job.prepare(config)
@@ -284,7 +290,8 @@ def run(job: Job, config, workdir: str | os.PathLike, *, hooks: Sequence[Callabl
     state, step, reason = trainer.fit(
         state, train_batches, start_step=start, steps=steps,
         eval_every=config.train.eval_every, evaluate=evaluate, checkpoint=save,
-        checkpoint_every=config.checkpoint.every, feedback=feedback, hooks=hooks)
+        checkpoint_every=config.checkpoint.every, feedback=feedback,
+        hooks=[*hooks, *job.hooks(config)])
     ckpt.wait()
     result = {"step": step, "reason": reason, "train_seconds": time.perf_counter() - t0}
     if reason == "preempted":

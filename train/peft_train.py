@@ -105,15 +105,22 @@ class PeftSetup:
     """The base with the trained adapter (what `generate` and `peft.apply` take)."""
     return self.combine(adapter, frozen)
 
-  def save(self, workdir, model_config, adapter: Any, *, base: str) -> None:
-    """Writes `workdir/adapter/` (Hugging Face PEFT format; gathered to the host first)."""
+  def save(self, workdir, model_config, adapter: Any, *, base: str,
+           to_hf: Callable[[dict], dict] | None = None, task_type: str = "CAUSAL_LM") -> None:
+    """Writes `workdir/adapter/` (Hugging Face PEFT format; gathered to the host first).
+    `to_hf` maps the `train_also` subtrees to Hugging Face tensors saved as PEFT's
+    `modules_to_save` (a reward model's `{"score": [D, 1]} -> {"score.weight": [1, D]}`)."""
     from train.report import gather_params
 
-    adapter = {k: v for k, v in dict(adapter).items() if k not in self.train_also}
-    host = gather_params(adapter)  # every process takes part in the gather
+    host = gather_params(dict(adapter))  # every process takes part in the gather
+    extra = {k: host.pop(k) for k in self.train_also}
+    if extra and to_hf is None:
+      raise ValueError(f"train_also {sorted(extra)} need to_hf to be saved")
     if jax.process_index() == 0:
       runs.save_run_adapter(workdir, model_config, host, self.spec, base=base,
-                            base_quant=self.config.base_quant, nf4=self.config.nf4_options())
+                            base_quant=self.config.base_quant, nf4=self.config.nf4_options(),
+                            task_type=task_type,
+                            modules_to_save=to_hf(extra) if extra else None)
 
 
 def setup(config: PEFTConfig, model: nn.Module, base_boxed: Any, *,

@@ -5,12 +5,13 @@
 Bytes per device of the params, the AdamW state, the gradients (and their accumulator), the
 activations kept for the backward pass at the run's micro-batch and sequence length under its
 remat policy, the logits, and a KV cache for decoding at the same batch and length; and whether
-they fit the named device. Params and optimizer state are exact: `jax.eval_shape` of the model
-and of optax's init, split by the logical sharding rules over an abstract mesh of the slice's
-size (no devices needed). Activations are an estimate from the model's shapes (what each layer
-keeps for its backward pass, as in Korthikanti et al., 2022, "Reducing Activation Recomputation
-in Large Transformer Models"), compared against XLA's own buffer sizes in
-`benchmarks/scaling.py`.
+they fit the named device. A `sequence` mesh axis (context parallelism) divides each row's
+tokens, so the activations and logits, over its devices. Params and optimizer state are exact:
+`jax.eval_shape` of the model and of optax's init, split by the logical sharding rules over an
+abstract mesh of the slice's size (no devices needed). Activations are an estimate from the
+model's shapes (what each layer keeps for its backward pass, as in Korthikanti et al., 2022,
+"Reducing Activation Recomputation in Large Transformer Models"), compared against XLA's own
+buffer sizes in `benchmarks/scaling.py`.
 
 Every job prints the plan of its own mesh before compiling (`train.job.run`) and refuses a run
 whose plan exceeds an accelerator's memory, with the figure and what to change.
@@ -110,8 +111,11 @@ class MemoryPlan:
             ("gradients", self.gradients), ("activations (backward)", self.activations),
             ("logits (float32)", self.logits), ("total for a train step", self.total),
             ("KV cache for decoding (same batch, length)", self.kv_cache)]
+    split = self.mesh.get("sequence", 1)
+    tokens = f"{self.seq_len} tokens" if split == 1 else (
+        f"{self.seq_len // split} of {self.seq_len} tokens")
     out = [f"memory plan per device (mesh {self.mesh}, {self.micro_batch} row(s) x "
-           f"{self.seq_len} tokens a micro-batch per device):"]
+           f"{tokens} a micro-batch per device):"]
     out += [f"  {name:<44} {_gib(v):>10}" for name, v in rows]
     if self.note:
       out.append(f"  note: {self.note}")
@@ -155,11 +159,17 @@ def _model_boxed(cfg: TransformerConfig):
                                            *lmjax.counting.example_inputs(cfg))["params"])
 
 
-def activation_bytes(cfg: TransformerConfig, rows: int, seq_len: int, tensor: int) -> int:
+def activation_bytes(cfg: TransformerConfig, rows: int, seq_len: int, tensor: int,
+                     sequence: int = 1) -> int:
   """What a decoder keeps for its backward pass on `rows` x `seq_len` tokens of one device,
-  under the config's remat policy (attention scores only for the reference attention)."""
+  under the config's remat policy (attention scores only for the reference attention).
+
+  `sequence` > 1 (context parallelism): each device holds `seq_len / sequence` tokens of a
+  row, plus the keys and values of the whole row gathered for attention (the reference
+  attention repeats them to every query head)."""
   c = _itemsize(cfg.dtype)
-  bt = rows * seq_len
+  local = seq_len // sequence
+  bt = rows * local
   d, f = cfg.model_dim, cfg.ffn_dim // tensor
   q = max(cfg.num_heads // tensor, 1) * cfg.resolved_head_dim
   kv = max(cfg.resolved_num_kv_heads // tensor, 1) * cfg.resolved_head_dim
@@ -168,9 +178,11 @@ def activation_bytes(cfg: TransformerConfig, rows: int, seq_len: int, tensor: in
   # One layer without remat: norm outputs and residuals (4 x D), q, k, v and the attention
   # output, the FFN's input projections and activation.
   layer = bt * c * (4 * d + 2 * q + 2 * kv + ffn_in + f)
+  if sequence > 1:  # the gathered keys and values of the whole row
+    layer += 2 * rows * seq_len * c * (q if cfg.attention == "reference" else kv)
   # The reference attention keeps its float32 scores and probabilities.
-  scores = 2 * rows * heads * seq_len * seq_len * 4 if cfg.attention == "reference" else 0
-  lse = rows * heads * seq_len * 4
+  scores = 2 * rows * heads * local * seq_len * 4 if cfg.attention == "reference" else 0
+  lse = rows * heads * local * 4
   layers = cfg.num_encoder_layers + cfg.num_decoder_layers
   full_layer = layer + scores + lse
   if cfg.remat_policy == "full":  # Layer inputs kept; one layer recomputed at a time.
@@ -189,7 +201,8 @@ def plan(cfg: TransformerConfig, *, mesh: dict[str, int], global_batch: int, seq
 
   Args:
     cfg: the model config (its dtypes as the run resolves them).
-    mesh: `{"data": ..., "fsdp": ..., "tensor": ...}` (no -1).
+    mesh: `{"data": ..., "fsdp": ..., "tensor": ..., "sequence": ...}` (no -1; a missing
+      `sequence` is 1).
     global_batch: rows a step over all hosts; seq_len: tokens a row.
     grad_accum: micro-batches a step (an accumulator of the gradients' size when > 1).
     target: the device kind, for `capacity` and `fits`.
@@ -197,7 +210,7 @@ def plan(cfg: TransformerConfig, *, mesh: dict[str, int], global_batch: int, seq
   Returns:
     A `MemoryPlan`.
   """
-  sizes = tuple(int(mesh[a]) for a in MESH_AXES)
+  sizes = tuple(int(mesh.get(a, 1) if a == "sequence" else mesh[a]) for a in MESH_AXES)
   if min(sizes) < 1:
     raise ValueError(f"a plan needs every mesh axis >= 1, got {mesh}")
   if target is not None and math.prod(sizes) != target.devices:
@@ -222,7 +235,7 @@ def plan_trainer(trainer, cfg: TransformerConfig, seq_len: int,
     params += sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
                   for x, s in zip(jax.tree.leaves(frozen),
                                   jax.tree.leaves(trainer.frozen_shardings), strict=True))
-  sizes = tuple(int(trainer.mesh.shape[a]) for a in MESH_AXES)
+  sizes = tuple(int(trainer.mesh.shape.get(a, 1)) for a in MESH_AXES)
   return _with_activations(cfg, sizes, params=params,
                            optimizer=placed_bytes(trainer.abstract_state.opt_state),
                            trainable=trainable, global_batch=trainer.global_batch,
@@ -238,12 +251,16 @@ def _with_activations(cfg, sizes, *, params, optimizer, trainable, global_batch,
                      f"not split over data x fsdp = {shards} devices: make the rows a step a "
                      f"multiple of {shards * grad_accum}")
   rows = global_batch // (shards * grad_accum)
-  tensor = sizes[2]
-  acts = activation_bytes(cfg, rows, seq_len, tensor)
+  tensor, sequence = sizes[2], sizes[3]
+  if seq_len % sequence:
+    raise ValueError(f"a sequence of {seq_len} tokens does not split over mesh.sequence="
+                     f"{sequence} devices: make data.seq_len a multiple of {sequence}")
+  acts = activation_bytes(cfg, rows, seq_len, tensor, sequence)
   vocab = math.ceil(cfg.vocab_size / tensor)
-  logits = 2 * rows * seq_len * vocab * 4  # float32 logits and their gradient
+  logits = 2 * rows * (seq_len // sequence) * vocab * 4  # float32 logits and their gradient
   layers = cfg.num_decoder_layers
-  kv = (2 * layers * max(global_batch // shards, 1) * seq_len
+  # Decoding runs with sequence=1: the sequence axis's devices then take rows of the batch.
+  kv = (2 * layers * max(global_batch // (shards * sequence), 1) * seq_len
         * max(cfg.resolved_num_kv_heads // tensor, 1) * cfg.resolved_head_dim
         * _itemsize(cfg.dtype))
   note = ""
@@ -271,6 +288,10 @@ def suggestions(p: MemoryPlan, cfg: TransformerConfig, devices: int) -> list[str
     out.append("no T x T scores: model.attention=flash")
   if m["tensor"] == 1 and cfg.num_heads % 2 == 0:
     out.append("split heads and feed-forward: mesh.tensor=2 (or 4, 8)")
+  if p.micro_batch == 1 and p.seq_len // m["sequence"] >= 4096:
+    out.append(f"split each row over devices (context parallelism): mesh.sequence="
+               f"{2 * m['sequence']} with mesh.fsdp (or mesh.data) halved and train.grad_accum "
+               "doubled, for half a row's tokens a device")
   return out
 
 
@@ -293,15 +314,16 @@ def check_fits(p: MemoryPlan, cfg: TransformerConfig, devices: int) -> None:
 
 def resolve_mesh(mesh_cfg, devices: int) -> dict[str, int]:
   """Axis sizes of a `MeshConfig` on `devices` devices (its -1 filled)."""
-  sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+  sizes = list(mesh_cfg.sizes)
   if -1 in sizes:
     rest = math.prod(s for s in sizes if s != -1)
     if devices % rest:
       raise ValueError(f"mesh {sizes} does not divide {devices} devices")
     sizes[sizes.index(-1)] = devices // rest
   if math.prod(sizes) != devices:
-    raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
-                     f"{math.prod(sizes)} devices; the slice has {devices}")
+    raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} x "
+                     f"sequence={sizes[3]} needs {math.prod(sizes)} devices; the slice has "
+                     f"{devices}")
   return dict(zip(MESH_AXES, sizes))
 
 

@@ -9,14 +9,13 @@ restore a `RewardModel` rather than a `CausalLM`.
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any
+from typing import ClassVar
 
-from lmjax.config import TransformerConfig
 from train import config as config_lib
 from train import preference_data
 from train.overrides import check_types
 from train.preference_losses import LOSS_TYPES
+from train.run_sections import FineTuneRun
 from train.sft_config import SFTDataConfig
 
 
@@ -85,39 +84,35 @@ class DPOLossConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class _PreferenceRun:
-  """What both jobs share: the base, its config, data, optimizer, mesh, checkpoints, loop."""
+class _PreferenceRun(FineTuneRun):
+  """What both jobs share: the base and the pairs (the other sections are `FineTuneRun`'s).
+
+  `peft` (`train.peft_config`): train an adapter (LoRA, QLoRA with `peft.base_quant=nf4`,
+  bottleneck adapters) on the frozen base instead of every weight; soft prompts are refused
+  (a row packs both responses of a pair as separate segments, which a prompt before the row
+  would not reach)."""
+
+  MODEL_KIND = "preference training needs a decoder-only model"
+  JOB: ClassVar[str] = "train.reward"
 
   base: str
   data: PreferenceDataConfig = dataclasses.field(default_factory=PreferenceDataConfig)
-  model: TransformerConfig | None = None
-  optimizer: config_lib.OptimizerConfig = dataclasses.field(
-      default_factory=config_lib.OptimizerConfig)
-  mesh: config_lib.MeshConfig = dataclasses.field(default_factory=config_lib.MeshConfig)
-  checkpoint: config_lib.CheckpointConfig = dataclasses.field(
-      default_factory=config_lib.CheckpointConfig)
-  train: config_lib.TrainConfig = dataclasses.field(default_factory=config_lib.TrainConfig)
 
   def __post_init__(self):
-    check_types(self)
-    if not self.base:
-      raise ValueError("base (--model) must name a pretrained model or a run dir")
-    if self.model is not None:
-      if self.model.num_encoder_layers or not self.model.num_decoder_layers:
-        raise ValueError(f"preference training needs a decoder-only model; {self.base!r} is "
-                         "not one")
-      if self.data.seq_len > self.model.max_len:
-        raise ValueError(f"data.seq_len={self.data.seq_len} is above the model's max_len="
-                         f"{self.model.max_len}; lower data.seq_len")
-
-  def to_dict(self) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(self)))
+    super().__post_init__()
+    if self.peft.method == "prompt":
+      raise ValueError(f"peft.method=prompt: soft prompts are not supported by {self.JOB} (a "
+                       "row packs a pair's chosen and rejected responses as separate segments, "
+                       "which a prompt before the row would not reach); use peft.method=lora "
+                       "or peft.method=adapter")
+    self.check_seq_len(self.data.seq_len)
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig(_PreferenceRun):
   """A reward-model run (`python -m train.reward`). `head` marks the run dir as a reward
-  model's for `load_run`; it is always "reward"."""
+  model's for `load_run`; it is always "reward". With `peft`, the fresh `score` head trains
+  in full beside the adapter (Hugging Face PEFT's `modules_to_save=["score"]`)."""
 
   head: str = "reward"
 
@@ -129,10 +124,12 @@ class RewardConfig(_PreferenceRun):
 
 @dataclasses.dataclass(frozen=True)
 class DPOConfig(_PreferenceRun):
-  """A DPO run (`python -m train.dpo`); the reference model is the base, frozen."""
+  """A DPO run (`python -m train.dpo`); the reference model is the base, frozen (with `peft`:
+  the base without the adapter, from the same arrays)."""
+
+  JOB = "train.dpo"
 
   dpo: DPOLossConfig = dataclasses.field(default_factory=DPOLossConfig)
-  # The `peft` section goes here (see train.dpo.DPO.partition).
 
 
 def _optimizer(lr: float, steps: int) -> config_lib.OptimizerConfig:

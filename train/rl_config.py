@@ -9,14 +9,12 @@ lambda 0.95, value coefficient 0.1).
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any
 
-from lmjax.config import TransformerConfig
 from train import config as config_lib
 from train import rl_algos
 from train.overrides import check_types
 from train.peft_config import PEFTConfig
+from train.run_sections import FineTuneRun
 
 ALGORITHMS = ("grpo", "rloo", "ppo")
 EMBEDDED = ("arithmetic",)
@@ -164,30 +162,26 @@ class RLDataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class RLConfig:
+class RLConfig(FineTuneRun):
   """An RL run: `policy` is trained against `reward`, KL-anchored to its own initial params.
+  The `model`, `peft`, `optimizer`, `mesh`, `checkpoint` and `train` sections are
+  `FineTuneRun`'s.
 
   `peft` (`train.peft_config`): train an adapter (LoRA, QLoRA, bottleneck adapters) on the
   frozen policy instead of every weight; the reference is then the base without the adapter,
   from the same arrays (no second copy of the model)."""
 
+  MODEL_FIELD = "policy"
+  MODEL_FLAG = "--policy"
+  MODEL_KIND = "RL trains a decoder-only (CausalLM) policy"
+
   policy: str
   reward: str = "python:train.rl_arithmetic:correct,python:train.rl_arithmetic:formatted*0.1"
   rl: RLAlgoConfig = dataclasses.field(default_factory=RLAlgoConfig)
   data: RLDataConfig = dataclasses.field(default_factory=RLDataConfig)
-  model: TransformerConfig | None = None
-  peft: PEFTConfig = dataclasses.field(default_factory=PEFTConfig)
-  optimizer: config_lib.OptimizerConfig = dataclasses.field(
-      default_factory=config_lib.OptimizerConfig)
-  mesh: config_lib.MeshConfig = dataclasses.field(default_factory=config_lib.MeshConfig)
-  checkpoint: config_lib.CheckpointConfig = dataclasses.field(
-      default_factory=config_lib.CheckpointConfig)
-  train: config_lib.TrainConfig = dataclasses.field(default_factory=config_lib.TrainConfig)
 
   def __post_init__(self):
-    check_types(self)
-    if not self.policy:
-      raise ValueError("policy (--policy) must name a pretrained model or a run dir")
+    super().__post_init__()
     if not self.reward:
       raise ValueError("reward (--reward) must be python:module:function or a reward-model "
                        "run dir")
@@ -195,21 +189,12 @@ class RLConfig:
       raise ValueError("peft.method=prompt: soft prompts are not supported by train.rl (their "
                        "virtual tokens shift the rollout's positions); use peft.method=lora or "
                        "adapter")
-    if self.model is not None:
-      if self.model.num_encoder_layers or not self.model.num_decoder_layers:
-        raise ValueError(f"RL trains a decoder-only (CausalLM) policy; {self.policy!r} is not "
-                         "one")
-      if self.rl.length > self.model.max_len:
-        raise ValueError(f"rl.max_prompt_len + rl.max_new_tokens = {self.rl.length} is above "
-                         f"the model's max_len={self.model.max_len}")
+    self.check_seq_len(self.rl.length, "rl.max_prompt_len + rl.max_new_tokens")
 
   @property
   def rows(self) -> int:
     """Rollout rows per step (prompts x generations)."""
     return self.data.prompts_per_step * self.rl.num_generations
-
-  def to_dict(self) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 def _demo() -> RLConfig:

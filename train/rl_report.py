@@ -76,12 +76,10 @@ class MetricsWriter:
 
   def plot(self):
     """`rl.png`: train reward, KL, held-out reward(s) per step."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
     tc = self.train_curve
     if tc:
       axes[0].plot([r["step"] for r in tc], [r["reward"] for r in tc], label="train reward")
@@ -100,7 +98,6 @@ class MetricsWriter:
     fig.tight_layout()
     path = self.workdir / "rl.png"
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
   def close(self) -> None:

@@ -7,15 +7,12 @@ set up (`train.sft.resolve_model`); only `MODEL_MAY_CHANGE` fields of it may be 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
-from typing import Any
 
-from lmjax.config import TransformerConfig
 from train import chat_data
 from train import config as config_lib
 from train.overrides import check_types
-from train.peft_config import PEFTConfig
+from train.run_sections import FineTuneRun
 
 # Model fields a fine-tuning run may change: how the model runs, not what it is.
 MODEL_MAY_CHANGE = ("dropout_rate", "attention_dropout_rate", "remat_policy", "scan_layers",
@@ -81,43 +78,28 @@ class SFTReportConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTConfig:
+class SFTConfig(FineTuneRun):
   """A fine-tuning run. `base` is the model fine-tuned; `model` is its config (read from the
-  base when the run is set up; only `MODEL_MAY_CHANGE` fields may be set)."""
+  base when the run is set up; only `MODEL_MAY_CHANGE` fields may be set). The `model`,
+  `peft`, `optimizer`, `mesh`, `checkpoint` and `train` sections are `FineTuneRun`'s."""
+
+  MODEL_KIND = "SFT fine-tunes a decoder-only (CausalLM) model"
 
   base: str
   data: SFTDataConfig = dataclasses.field(default_factory=SFTDataConfig)
-  model: TransformerConfig | None = None
-  optimizer: config_lib.OptimizerConfig = dataclasses.field(
-      default_factory=config_lib.OptimizerConfig)
-  mesh: config_lib.MeshConfig = dataclasses.field(default_factory=config_lib.MeshConfig)
-  checkpoint: config_lib.CheckpointConfig = dataclasses.field(
-      default_factory=config_lib.CheckpointConfig)
-  train: config_lib.TrainConfig = dataclasses.field(default_factory=config_lib.TrainConfig)
   report: SFTReportConfig = dataclasses.field(default_factory=SFTReportConfig)
-  peft: PEFTConfig = dataclasses.field(default_factory=PEFTConfig)
   eval: config_lib.TaskEvalConfig = dataclasses.field(default_factory=config_lib.TaskEvalConfig)
 
   def __post_init__(self):
-    check_types(self)
-    if not self.base:
-      raise ValueError("base (--model) must name a pretrained model or a run dir")
+    super().__post_init__()
     if self.peft.method == "prompt" and self.data.pack:
       raise ValueError("peft.method=prompt puts the soft prompt before each row: set "
                        "data.pack=false (one example per row)")
-    if self.model is not None:
-      if self.model.num_encoder_layers or not self.model.num_decoder_layers:
-        raise ValueError("SFT fine-tunes a decoder-only (CausalLM) model; "
-                         f"{self.base!r} is not one")
-      if self.data.seq_len > self.model.max_len:
-        raise ValueError(f"data.seq_len={self.data.seq_len} is above the model's max_len="
-                         f"{self.model.max_len}; lower data.seq_len")
-      if self.report.replies and self.report.max_new_tokens > self.model.max_len - 2:
-        raise ValueError(f"report.max_new_tokens={self.report.max_new_tokens} does not fit "
-                         f"model.max_len={self.model.max_len}")
-
-  def to_dict(self) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(self)))
+    self.check_seq_len(self.data.seq_len)
+    if (self.model is not None and self.report.replies
+        and self.report.max_new_tokens > self.model.max_len - 2):
+      raise ValueError(f"report.max_new_tokens={self.report.max_new_tokens} does not fit "
+                       f"model.max_len={self.model.max_len}")
 
 
 def _demo() -> SFTConfig:

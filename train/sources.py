@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from train import jsonl
 
 _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 TXT_MODES = ("paragraphs", "lines", "file")
@@ -219,19 +220,15 @@ def _split_text(text: str, mode: str) -> list[str]:
 
 
 def _read_jsonl(path: str, parsed: SourceSpec, spec: str) -> list[dict[str, str]]:
+  try:
+    rows = jsonl.read_objects(path, allow_empty=True)
+  except ValueError as e:
+    raise ValueError(f"source {spec!r}: {e}") from e
   records = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"source {spec!r}: {path}:{n} is not valid JSON ({e})") from e
-      if not isinstance(row, dict) or any(f not in row for f in parsed.fields):
-        keys = list(row) if isinstance(row, dict) else type(row).__name__
-        raise ValueError(f"source {spec!r}: {path}:{n} lacks field(s) {parsed.fields}: {keys}")
-      rec = {k: str(row[f]) for k, f in zip(parsed.keys, parsed.fields)}
-      if any(v.strip() for v in rec.values()):
-        records.append(rec)
+  for where, row in rows:
+    if any(f not in row for f in parsed.fields):
+      raise ValueError(f"source {spec!r}: {where} lacks field(s) {parsed.fields}: {list(row)}")
+    rec = {k: str(row[f]) for k, f in zip(parsed.keys, parsed.fields)}
+    if any(v.strip() for v in rec.values()):
+      records.append(rec)
   return records

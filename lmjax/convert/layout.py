@@ -29,6 +29,7 @@ needed here; GGUF's interleaved order is undone in `lmjax.convert.gguf`.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 
@@ -203,8 +204,11 @@ def build_params(cfg: TransformerConfig, tensors: Mapping[str, TensorRef], *, wh
     tensors: name -> `TensorRef` in the Hugging Face layout.
     where: the checkpoint's description for errors.
     mesh: when given, each param is placed with its `NamedSharding` from
-      `lmjax.sharding.param_shardings`, each device receiving only its own shard
-      (`jax.make_array_from_callback`); else on the default device.
+      `lmjax.sharding.param_shardings`, and each of this process's devices receives its shard
+      read from the file alone (`jax.make_array_from_callback` over a view of the memory-mapped
+      tensor: a host of a pod slice reads and converts only the slices its devices hold, and
+      holds at most one slice in float32 at a time; GGUF's quantized blocks are dequantized
+      whole); else on the default device.
 
   Returns:
     The raw params tree of `CausalLM(cfg)`.
@@ -216,16 +220,36 @@ def build_params(cfg: TransformerConfig, tensors: Mapping[str, TensorRef], *, wh
   for path, (names, kind, shape) in p.items():
     stacked = _stacked(cfg, names)
     lm_shape = shape[1:] if stacked else shape
-    parts = [to_lmjax(kind, np.asarray(tensors[n].load(), np.float32), lm_shape).astype(dtype)
-             for n in names]
-    arr = np.stack(parts) if stacked else parts[0]
-    del parts
     if shardings is None:
-      out[path] = jax.device_put(arr)
-    else:
-      out[path] = jax.make_array_from_callback(arr.shape, shardings[path],
-                                               lambda idx, a=arr: a[idx])
+      parts = [to_lmjax(kind, np.asarray(tensors[n].load(), np.float32), lm_shape).astype(dtype)
+               for n in names]
+      out[path] = jax.device_put(np.stack(parts) if stacked else parts[0])
+      del parts
+      continue
+    views = [lmjax_view(kind, tensors[n].load(), lm_shape) for n in names]
+    out[path] = jax.make_array_from_callback(
+        shape, shardings[path], functools.partial(_read_slice, views, stacked, dtype))
+    del views
   return unflatten_dict(out)
+
+
+def lmjax_view(kind: str, w: np.ndarray, lm_shape: tuple[int, ...]) -> np.ndarray:
+  """`to_lmjax` without copying where numpy can: a strided view of `w` (a memory map stays one).
+
+  Every layout change is a transpose and a split of one axis, which a view expresses.
+  """
+  if kind in ("vector", "bias"):
+    return w.reshape(lm_shape)
+  return w.T.reshape(lm_shape)
+
+
+def _read_slice(views: list[np.ndarray], stacked: bool, dtype, index: tuple) -> np.ndarray:
+  """One device's shard: only `index`'s elements are read (and converted) from the views."""
+  if not stacked:
+    return np.asarray(views[0][index], np.float32).astype(dtype, copy=False)
+  layers, rest = index[0], index[1:]
+  return np.stack([np.asarray(v[rest], np.float32).astype(dtype, copy=False)
+                   for v in views[layers]])
 
 
 def params_to_hf(cfg: TransformerConfig, params: dict) -> dict[str, np.ndarray]:

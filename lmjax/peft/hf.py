@@ -54,7 +54,8 @@ def _host(x) -> np.ndarray:
 
 
 def save_adapter(folder: str | os.PathLike, config: TransformerConfig, adapter: Any, spec, *,
-                 base_model: str | None = None) -> Path:
+                 base_model: str | None = None, task_type: str = "CAUSAL_LM",
+                 modules_to_save: dict[str, Any] | None = None) -> Path:
   """Writes an adapter as Hugging Face PEFT files (`folder/adapter_config.json`,
   `folder/adapter_model.safetensors`, float32).
 
@@ -64,11 +65,15 @@ def save_adapter(folder: str | os.PathLike, config: TransformerConfig, adapter: 
     adapter: the adapter's params (raw or boxed).
     spec: its `LoRAConfig` / `PromptConfig` / `AdapterConfig`.
     base_model: `base_model_name_or_path` (a pointer to the base).
+    task_type: PEFT's task type ("SEQ_CLS" for a reward model).
+    modules_to_save: whole modules trained beside the adapter, by Hugging Face tensor name
+      (`{"score.weight": [1, D]}`); saved as PEFT saves `modules_to_save`
+      (`base_model.model.score.weight`), the module names listed in the config.
   """
   folder = Path(folder)
   flat = flatten_dict(nn.meta.unbox(adapter))
   tensors: dict[str, np.ndarray] = {}
-  meta: dict[str, Any] = {"base_model_name_or_path": base_model, "task_type": "CAUSAL_LM",
+  meta: dict[str, Any] = {"base_model_name_or_path": base_model, "task_type": task_type,
                           "inference_mode": True, "revision": None}
   if isinstance(spec, LoRAConfig):
     layout.check_llama_family(config)
@@ -104,6 +109,9 @@ def save_adapter(folder: str | os.PathLike, config: TransformerConfig, adapter: 
                 placement=spec.placement, activation=spec.activation)
   else:
     raise TypeError(f"unknown PEFT spec {spec!r}")
+  if modules_to_save:
+    tensors.update({PREFIX + k: _host(v) for k, v in modules_to_save.items()})
+    meta["modules_to_save"] = sorted({k.rsplit(".", 1)[0] for k in modules_to_save})
   folder.mkdir(parents=True, exist_ok=True)
   safetensors_io.save_file(folder / WEIGHTS_FILE, tensors, {"format": "pt"})
   (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
@@ -166,6 +174,8 @@ def load_adapter(folder: str | os.PathLike, config: TransformerConfig) -> tuple[
   meta = read_config(folder)
   spec = spec_of(meta)
   refs = safetensors_io.open_file(folder / WEIGHTS_FILE)
+  saved = _saved_modules(refs, meta)
+  refs = {k: v for k, v in refs.items() if k not in saved}  # read by load_modules_to_save
   where = f"adapter {str(folder)!r}"
   if isinstance(spec, PromptConfig):
     ref = refs.get("prompt_embeddings")
@@ -186,6 +196,28 @@ def load_adapter(folder: str | os.PathLike, config: TransformerConfig) -> tuple[
       out[path] = np.asarray(ref.load(), np.float32)
     return unflatten_dict(out), spec
   return _load_lora(refs, config, spec, where), spec
+
+
+def _saved_modules(refs, meta: dict[str, Any]) -> dict[str, str]:
+  """`{file key: Hugging Face name}` of the tensors of the config's `modules_to_save`."""
+  mods = meta.get("modules_to_save") or []
+  mods = [mods] if isinstance(mods, str) else mods
+  out = {}
+  for key in refs:
+    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    if any(name.startswith(m + ".") for m in mods):
+      out[key] = name
+  return out
+
+
+def load_modules_to_save(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+  """The whole modules an adapter folder saved beside the adapter (its config's
+  `modules_to_save`, e.g. a reward model's `{"score.weight": [1, D]}`), by Hugging Face name
+  (PEFT's `modules_to_save.<adapter>` infixes removed); {} when none."""
+  folder = Path(folder)
+  refs = safetensors_io.open_file(folder / WEIGHTS_FILE)
+  return {re.sub(r"\.modules_to_save\.\w+", "", name): np.asarray(refs[key].load(), np.float32)
+          for key, name in _saved_modules(refs, read_config(folder)).items()}
 
 
 def _load_lora(refs, config: TransformerConfig, spec: LoRAConfig, where: str) -> dict:

@@ -24,11 +24,15 @@ ADAPTER_DIR = "adapter"
 
 
 def save_run_adapter(workdir, config: TransformerConfig, adapter: Any, spec, *, base: str,
-                     base_quant: str = "none", nf4: dict | None = None) -> None:
+                     base_quant: str = "none", nf4: dict | None = None,
+                     task_type: str = "CAUSAL_LM",
+                     modules_to_save: dict[str, Any] | None = None) -> None:
   """Writes `workdir/adapter/` (Hugging Face PEFT format) pointing at `base`; a QLoRA run also
-  records how its base was stored (`nf4`: `quantize_base`'s block_size and embeddings)."""
+  records how its base was stored (`nf4`: `quantize_base`'s block_size and embeddings). A
+  reward run saves its score head as `modules_to_save` (`task_type` "SEQ_CLS")."""
   folder = hf.save_adapter(os.path.join(os.fspath(workdir), ADAPTER_DIR), config, adapter,
-                           spec, base_model=base)
+                           spec, base_model=base, task_type=task_type,
+                           modules_to_save=modules_to_save)
   if base_quant != "none":  # how the base was stored while training (for merging right)
     path = folder / hf.CONFIG_FILE
     meta = json.loads(path.read_text())
@@ -48,8 +52,9 @@ def _nf4_rounded(params, config: TransformerConfig, nf4: dict):
                                                **nf4))
 
 
-def load_peft_run(workdir, config: TransformerConfig, mesh=None):
-  """`(config, params, tokenizer)` of a PEFT run dir (see the module docstring).
+def load_peft_run(workdir, config: TransformerConfig, mesh=None, head: str = "lm"):
+  """`(config, params, tokenizer)` of a PEFT run dir (see the module docstring); `head`
+  "reward": a reward run's `RewardModel` params (the base's trunk, the saved score head).
 
   Raises:
     FileNotFoundError: the run has not written `adapter/` yet (it does at its end).
@@ -70,8 +75,22 @@ def load_peft_run(workdir, config: TransformerConfig, mesh=None):
     _, params, _ = convert.load_pretrained(base, config.param_dtype, mesh=mesh)
   adapter, spec = hf.load_adapter(folder, config)
   tokenizer = checkpoint.load_run_tokenizer(workdir)
+  if isinstance(spec, LoRAConfig) and meta.get("lmjax_base_quant") == "nf4":
+    params = _nf4_rounded(params, config, meta.get("lmjax_nf4") or {})
+  if head == "reward":
+    params = _reward_params(params, hf.load_modules_to_save(folder), config, folder)
   if isinstance(spec, LoRAConfig):
-    if meta.get("lmjax_base_quant") == "nf4":
-      params = _nf4_rounded(params, config, meta.get("lmjax_nf4") or {})
     return config, lora.merge(params, adapter, spec), tokenizer
   return config, adapt(params, adapter, spec), tokenizer
+
+
+def _reward_params(lm_params, saved: dict, config: TransformerConfig, folder) -> dict:
+  """A `RewardModel`'s params: the base's trunk and the score head the run saved."""
+  from lmjax.convert.reward import SCORE_WEIGHT
+  from lmjax.heads import SCORE
+
+  if SCORE_WEIGHT not in saved:
+    raise ValueError(f"{folder}: a reward run's adapter lacks {SCORE_WEIGHT} (its "
+                     "modules_to_save)")
+  score = saved[SCORE_WEIGHT].T.astype(config.param_dtype)
+  return {"embed": lm_params["embed"], "decoder": lm_params["decoder"], SCORE: score}

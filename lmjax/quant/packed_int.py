@@ -69,9 +69,8 @@ def pack(model, params: Any, fmt: str = "int8") -> packed_lib.PackedParams:
   Raises:
     ValueError: another format, or `QuantParams` that are not int8 per channel throughout.
   """
-  if fmt not in packed_lib.INT_FORMATS:
-    raise ValueError(f"unknown integer packed format {fmt!r}; formats are "
-                     f"{packed_lib.INT_FORMATS}")
+  if fmt != "int8":  # "int4": lmjax.quant.packed_int4
+    raise ValueError(f"packed_int packs format 'int8', not {fmt!r}")
   qp = params if isinstance(params, QuantParams) else quantize(model, params, fmt,
                                                                 per_output=True)
   flat = flatten_dict(qp.tree, is_leaf=lambda _, x: isinstance(x, QArray))
@@ -126,7 +125,8 @@ def matmul_t(x: Array, w: Array, scale: Array, streamed: bool,
 
   `streamed` (batch-1 decoding): one loop per output reads its row of codes, widened inside
   the loop, and the scale multiplies the row's (group's) sum; otherwise a matmul on the
-  dequantized matrix.
+  dequantized matrix. (A few rows with one scale per output never get here:
+  `lmjax.packed_rows.matmul_t` reads the codes once for all rows.)
   """
   n, k = w.shape
   groups = scale.shape[-1]

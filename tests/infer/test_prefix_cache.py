@@ -33,13 +33,16 @@ def test_cached_prefixes_give_the_uncached_output(model, uncached):
   pc = PrefixCache(max_bytes=10**8, block_size=8)
   first = infer.generate(m, p, PROMPTS, max_new_tokens=M, prefix_cache=pc, return_logits=True)
   # The 24-token system prompt is shared by rows 0 and 1 (its first 8 by row 2 too):
-  # prefilled once, before the batch, so every row hits.
-  assert (pc.hits, pc.misses, pc.hit_tokens) == (3, 0, 24 + 24 + 8)
-  # The shared prefix's 3 blocks, then each row's blocks through its answer but the last token
-  # (27 + 11, 26 + 11, 15 + 11 tokens: 4, 4 and 3 whole blocks, the first 3 / 3 / 1 shared).
-  assert pc.stored == 3 + 1 + 1 + 2
+  # prefilled once, before the batch, with row 0's next token (3 blocks and a 1-token tail
+  # block), so every row hits: row 0 the 3 blocks and the tail, rows 1 and 2 whole blocks.
+  assert (pc.hits, pc.misses, pc.hit_tokens) == (3, 0, 25 + 24 + 8)
+  # The shared prefix's 3 blocks and tail, then each row's blocks through its answer but the
+  # last token (27 + 11, 26 + 11, 15 + 11 tokens: 4, 4 and 3 whole blocks, the first 3 / 3 / 1
+  # shared, and tails of 6, 5 and 2 tokens).
+  assert pc.stored == 3 + 1 + (1 + 1) + (1 + 1) + (2 + 1)
   second = infer.generate(m, p, PROMPTS, max_new_tokens=M, prefix_cache=pc, return_logits=True)
-  assert (pc.hits, pc.hit_tokens) == (6, 56 + 24 + 24 + 8)
+  # The same again: the rows' own tails sit past their prompts (after their answers).
+  assert (pc.hits, pc.hit_tokens) == (6, 2 * (25 + 24 + 8))
   for out in (first, second):
     assert out.tokens == uncached.tokens
     for a, b in zip(out.logits, uncached.logits):
@@ -52,7 +55,8 @@ def test_cached_prefixes_give_the_uncached_output(model, uncached):
 
 def test_a_chat_turn_prefills_only_its_new_tokens(model):
   """Turn 2 (turn 1's prompt and answer, then new text) takes turn 1 from the cache, streamed
-  and not: only its last partial block and new text are prefilled; the output is uncached's."""
+  and not: only its new tokens are prefilled (turn 1's last answer token, never fed back, and
+  the new text); the output is uncached's."""
   m, p, _ = model
   pc = PrefixCache(max_bytes=10**8, block_size=8)
   turn1 = SYSTEM + [50, 51, 52]  # 27 tokens
@@ -63,9 +67,9 @@ def test_a_chat_turn_prefills_only_its_new_tokens(model):
   ref = infer.generate(m, p, [turn2], max_new_tokens=M, return_logits=True)
   before = pc.stats()
   out = drain(infer.stream(m, p, [turn2], max_new_tokens=M, prefix_cache=pc))
-  # Turn 1's prompt and answer but its last token (27 + 11 = 38) fill 4 whole blocks.
-  assert pc.hit_tokens - before["hit_tokens"] == 32
-  assert pc.prefilled_tokens - before["prefilled_tokens"] == 44 - 32
+  # Turn 1's prompt and answer but its last token (27 + 11 = 38): 4 whole blocks and a tail.
+  assert pc.hit_tokens - before["hit_tokens"] == 38
+  assert pc.prefilled_tokens - before["prefilled_tokens"] == 44 - 38
   assert out.tokens == ref.tokens
   again = infer.generate(m, p, [turn2], max_new_tokens=M, prefix_cache=pc, return_logits=True)
   assert again.tokens == ref.tokens

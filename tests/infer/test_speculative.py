@@ -66,14 +66,33 @@ def test_greedy_equals_plain_greedy(models, plain, drafter):
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16"])
 def test_packed_params_give_the_plain_packed_output(models, fmt):
   """The CPU decode layout (`lmjax.packed`, what plain decoding reads on a CPU): the same tokens
-  as plain decoding from the same packed weights; bfloat16 is widened once for the check."""
+  as plain decoding from the same packed weights. bfloat16: one row with k = 3 checks 4 tokens
+  (read as bfloat16 by `lmjax.packed_rows`), three rows with k = 6 check 21 (more than its 16
+  rows: widened to float32 once)."""
   model, params = models["target"]
   packed = lmjax.packed.pack(model, params, fmt)
-  ref = infer.generate(model, packed, [PROMPTS[0]], max_new_tokens=16)
-  for draft in ("ngram", (models["small"][0], lmjax.packed.pack(*models["small"], fmt))):
-    out = infer.generate(model, packed, [PROMPTS[0]], max_new_tokens=16, draft=draft,
-                         num_draft_tokens=3)
-    assert out.tokens == ref.tokens, (fmt, draft)
+  small = (models["small"][0], lmjax.packed.pack(*models["small"], fmt))
+  for prompts, k in (([PROMPTS[0]], 3), (PROMPTS, 6)):
+    assert speculative.reads_narrow(packed, len(prompts) * (k + 1)) == (
+        fmt == "bfloat16" and k == 3)
+    ref = infer.generate(model, packed, prompts, max_new_tokens=16)
+    for draft in ("ngram", small):
+      out = infer.generate(model, packed, prompts, max_new_tokens=16, draft=draft,
+                           num_draft_tokens=k)
+      assert out.tokens == ref.tokens, (fmt, k, draft)
+  # `stream` runs the same round from Python (the check's params made once, before it).
+  result = infer.drain(infer.stream(model, packed, [PROMPTS[0]], max_new_tokens=16,
+                                    draft="ngram", num_draft_tokens=3), lambda _: None)
+  assert result.tokens == infer.generate(model, packed, [PROMPTS[0]], max_new_tokens=16).tokens
+
+
+def test_reads_narrow_only_bfloat16_packed_few_rows(models):
+  """The k + 1-token check reads bfloat16 packed weights as they are for 2..16 rows only."""
+  model, params = models["target"]
+  bf16, f32 = (lmjax.packed.pack(model, params, f) for f in ("bfloat16", "float32"))
+  assert [speculative.reads_narrow(bf16, r) for r in (1, 2, 16, 17)] == [False, True, True,
+                                                                          False]
+  assert not speculative.reads_narrow(f32, 4) and not speculative.reads_narrow(params, 4)
 
 
 def test_ngram_without_a_match_takes_plain_steps(models):
@@ -114,6 +133,33 @@ def test_rows_accept_differently_and_stop_inside_a_draft(models):
   short = infer.generate(model, params, PROMPTS, max_new_tokens=2, draft=models["target"],
                          num_draft_tokens=3)
   assert short.tokens == [t[:2] for t in ref.tokens]
+
+
+def test_stream_with_a_drafter_gives_generates_text(models):
+  """`stream(draft=...)`: the steps' texts join to `generate(draft=...)`'s and plain greedy's;
+  a stop string completed inside a kept draft (the model drafting for itself keeps them all)
+  is never shown, nor the kept drafts after it."""
+  model, params = models["target"]
+  tok = CharTokenizer()
+  free = infer.generate(model, params, PROMPTS, max_new_tokens=20, ignore_eos=True,
+                        tokenizer=tok)
+  # Row 0's 7th token (a draft of the second round of 4) completes the stop string.
+  stop = free.text[0][5:7]
+  kw = dict(max_new_tokens=20, ignore_eos=True, tokenizer=tok, stop=[stop])
+  plain = infer.generate(model, params, PROMPTS, **kw)
+  assert plain.stop_reason[0] == "stop" and stop not in plain.text[0]
+  for draft in (models["target"], "ngram"):  # a model drafter (all kept), and no model
+    ref = infer.generate(model, params, PROMPTS, draft=draft, num_draft_tokens=3, **kw)
+    steps = []
+    result = infer.drain(infer.stream(model, params, PROMPTS, draft=draft, num_draft_tokens=3,
+                                      **kw), steps.append)
+    for r in range(len(PROMPTS)):
+      text = "".join(s.text[r] for s in steps)
+      assert text == ref.text[r] == plain.text[r]
+      assert [int(s.tokens[r]) for s in steps if s.active[r]] == plain.tokens[r]
+    assert not any(stop in s.text[0] for s in steps)
+    assert result.tokens == plain.tokens and result.stop_reason == plain.stop_reason
+    assert result.accepted == ref.accepted and result.rounds == ref.rounds
 
 
 # --------------------------------------------------------------------- the rule itself

@@ -2,6 +2,7 @@
 teacher falls, the teacher never changes), the vocabulary check, and the command line end to
 end on a tiny pretrained-format teacher (Hugging Face folder, byte-level BPE, chat template)."""
 
+import dataclasses
 import json
 
 import jax
@@ -166,7 +167,7 @@ def test_on_policy_batches_are_the_students_samples_with_only_completions_masked
   prompts = distill_onpolicy.prompt_ids(rows, tok)
   it = distill_onpolicy.OnPolicyBatches(s_model, tok, prompts, iter(()), lmbda=1.0,
                                         batch_size=4, seq_len=40, max_new_tokens=16, seed=3)
-  it.update(0, type("State", (), {"params": s_params})())  # Step 0 samples s_params.
+  it.update(0, s_params)  # Step 0 samples s_params.
   batch = next(it)
   # The same draws as a rollout of the student (prompts picked by the same rule)...
   pick = np.random.default_rng([3, 0, 1]).choice(3, 4, replace=True)
@@ -187,16 +188,14 @@ def test_on_policy_batches_are_the_students_samples_with_only_completions_masked
     np.testing.assert_array_equal(batch["loss_mask"][r], want)
     if ro.stop_reason[r] == "eos":
       assert batch["targets"][r, n - 2 + len(comp)] == tok.eos_id
-  # Following a trainer: each train_step hands its new params to the next rollout.
+  # The job's `Trainer.fit` hook (`Job.hooks`) hands each new state's params to the next
+  # rollout: after step 6 the batch of step 6 samples them.
   moved = jax.tree.map(lambda x: x * 1.5, s_params)
-
-  class Trainer:
-    def train_step(self, state, step, batch):
-      return type("State", (), {"params": moved})(), {}
-
-  trainer = Trainer()
-  it.follow(trainer, type("State", (), {"params": s_params})(), 5)
-  trainer.train_step(None, 5, None)
+  job = distill.Distill()
+  job._on_policy, job._trainer = it, None
+  (follow,) = job.hooks(dataclasses.replace(distill.PRESETS["demo"](), method="on-policy"))
+  assert job.hooks(distill.PRESETS["demo"]()) == ()  # kd: no hook
+  follow(6, type("State", (), {"params": moved})())
   pick = np.random.default_rng([3, 6, 1]).choice(3, 4, replace=True)
   ro = rollout.sample(s_model, moved, [prompts[i] for i in pick], tokenizer=tok,
                       max_new_tokens=16, length=41, seed=rollout.step_seed(3, 6))
@@ -216,7 +215,7 @@ def _reverse_kl(s_model, s_params, t_model, t_params, batch):
 
 
 def test_on_policy_command_line_trains_on_the_students_samples_and_lowers_its_kl(
-    teacher, tmp_path, capsys):
+    teacher, tmp_path, capsys, monkeypatch):
   from train import distill_onpolicy, rollout
 
   t_cfg, t_params, tok = lmjax.load_pretrained(teacher)
@@ -231,7 +230,20 @@ def test_on_policy_command_line_trains_on_the_students_samples_and_lowers_its_kl
       {"role": "user", "content": f"{w} {i}"}, {"role": "assistant", "content": "the cat"}]})
       + "\n" for i in range(4) for w in words))
   wd, lmbda, steps, seed, new = tmp_path / "run", 0.5, 6, 1, 12
-  # No hook is passed: the job itself keeps the rollouts on the newest params.
+  # What each rollout sampled from, and the trainer's state after each step (a caller's hook;
+  # the job's own hook runs after it and is what keeps the rollouts on the newest params).
+  sampled, after = [], {0: s_params}
+  sample = rollout.sample
+
+  def recording_sample(model, params, *a, **kw):
+    sampled.append(jax.device_get(params))
+    return sample(model, params, *a, **kw)
+
+  monkeypatch.setattr(distill_onpolicy.rollout, "sample", recording_sample)
+
+  def record(step, state):
+    after[step] = jax.device_get(state.params)
+
   rc = distill.main([
       "--teacher", str(teacher), "--student", str(student), "--method", "on-policy",
       "--data", f"jsonl:{data}", "--workdir", str(wd), "--set", f"kd.lmbda={lmbda}",
@@ -239,14 +251,20 @@ def test_on_policy_command_line_trains_on_the_students_samples_and_lowers_its_kl
       "data.heldout_fraction=0.25", f"report.real_text=jsonl:{data}", "report.baseline=false",
       f"train.steps={steps}", f"train.seed={seed}", "train.progress_bar=false",
       "optimizer.learning_rate=3e-2", "optimizer.warmup_steps=0", "checkpoint.every=0",
-      "checkpoint.async_save=false", "mesh.data=1"])
+      "checkpoint.async_save=false", "mesh.data=1"], hooks=[record])
   assert rc == 0
   assert "on-policy: " in capsys.readouterr().out
   report = json.loads((wd / "report.json").read_text())["on_policy"]
   # The steps that trained on the student's samples are exactly GKD's lambda draws, which
   # pick a lambda fraction of the steps.
   rule = [s for s in range(steps) if np.random.default_rng([seed, s]).random() < lmbda]
-  assert report["steps"] == rule and 0 < len(rule) < steps
+  assert report["steps"] == rule and 0 < len(rule) < steps and max(rule) > 0
+  # Each on-policy step sampled the params the previous steps made (never stale ones); the
+  # first and last rollouts are the report's before/after samples of held-out prompts.
+  assert len(sampled) == len(rule) + 2
+  for s, params in zip(rule, sampled[1:-1]):
+    jax.tree.map(np.testing.assert_array_equal, params, after[s])
+  jax.tree.map(np.testing.assert_array_equal, sampled[-1], after[steps])
   assert report["fraction"] == len(rule) / steps and report["lmbda"] == lmbda
   draws = np.random.default_rng(0).integers(0, 2**31, 4000)
   picked = np.mean([np.random.default_rng([seed, int(s)]).random() < lmbda for s in draws])

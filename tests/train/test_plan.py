@@ -20,7 +20,7 @@ def _on_device(tree, dev) -> int:
              if s.device == dev)
 
 
-@pytest.mark.parametrize("sizes", [(2, 2, 2), (1, 8, 1), (1, 2, 4)])
+@pytest.mark.parametrize("sizes", [(2, 2, 2, 1), (1, 8, 1, 1), (1, 2, 4, 1), (1, 2, 1, 4)])
 def test_state_bytes_equal_a_sharded_trainer(sizes):
   cfg = tiny(vocab_size=256, model_dim=64, num_heads=8, num_kv_heads=4, ffn_dim=128)
   mesh = lmjax.make_mesh(*sizes)
@@ -31,8 +31,8 @@ def test_state_bytes_equal_a_sharded_trainer(sizes):
   params, opt = _on_device(state.params, dev), _on_device(state.opt_state, dev)
   full = 4 * lmjax.count_params(cfg)
   assert params < full  # really sharded
-  got = plan_lib.plan(cfg, mesh=dict(zip(("data", "fsdp", "tensor"), sizes)), global_batch=8,
-                      seq_len=16)
+  got = plan_lib.plan(cfg, mesh=dict(zip(("data", "fsdp", "tensor", "sequence"), sizes)),
+                      global_batch=8, seq_len=16)
   assert got.params == params
   assert 0 <= opt - got.optimizer <= 16  # AdamW's step counters are the rest.
   exact = plan_lib.plan_trainer(trainer, cfg, seq_len=16)
@@ -90,3 +90,29 @@ def test_a_plan_over_the_device_memory_is_refused_with_what_to_change():
                      target=plan_lib.DEVICES["v5e-8"])
   assert ok.fits
   plan_lib.check_fits(ok, cfg, 8)
+
+
+def test_the_sequence_axis_divides_activations_and_logits():
+  cfg = lmjax.TransformerConfig.from_preset("llama3.2-1b", attention="flash")
+  mesh = {"data": 1, "fsdp": 2, "tensor": 1}
+  one = plan_lib.plan(cfg, mesh={**mesh, "sequence": 1}, global_batch=2, seq_len=8192)
+  four = plan_lib.plan(cfg, mesh={**mesh, "sequence": 4}, global_batch=2, seq_len=8192)
+  # float32 logits and their gradient of 8192 / 4 tokens of a 128256 vocabulary.
+  assert four.logits == 2 * 2048 * 128256 * 4 == one.logits / 4
+  # Activations: a quarter of the tokens, plus the gathered keys and values of the whole row
+  # (16 layers x 2 x 8192 tokens x 8 kv heads x 64 x 4 bytes).
+  gathered = 16 * 2 * 8192 * 8 * 64 * 4
+  assert four.activations == pytest.approx(one.activations / 4 + gathered, rel=0.01)
+  assert "1 row(s) x 2048 of 8192 tokens" in four.table()
+  assert four.params < one.params  # the state splits over sequence too (fsdp x sequence)
+  with pytest.raises(ValueError, match="make data.seq_len a multiple of 4"):
+    plan_lib.plan(cfg, mesh={**mesh, "sequence": 4}, global_batch=2, seq_len=8190)
+
+
+def test_the_command_suggests_and_plans_context_parallelism(capsys):
+  long = ["--config", "llama3.1-8b-64k", "--devices", "v5p-128", "--set"]
+  assert plan_lib.main([*long, "train.grad_accum=2"]) == 1
+  assert "mesh.sequence=2 with mesh.fsdp (or mesh.data) halved" in capsys.readouterr().out
+  assert plan_lib.main([*long, "mesh.fsdp=16", "mesh.sequence=4", "train.grad_accum=8"]) == 0
+  out = capsys.readouterr().out
+  assert "'sequence': 4" in out and "1 row(s) x 16384 of 65536 tokens" in out

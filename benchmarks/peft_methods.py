@@ -23,7 +23,7 @@ folder) and the same token ids, loss mask and loss (masked next-token cross entr
 first loss equals lmjax's (B = 0: the base's loss). QLoRA's stored base is compared with the
 same base in bfloat16, with and without the embedding in NF4.
 
-    python benchmarks/peft.py [--steps 5] [--warmup 1] [--seq-len 64] [--batch 4] [--no-hf]
+    python benchmarks/peft_methods.py [--steps 5] [--warmup 1] [--seq-len 64] [--batch 4] [--no-hf]
 
 Writes benchmarks/results/peft.json. CPU times are relative (the ratios); the load average is
 recorded at start and end.
@@ -115,20 +115,6 @@ def timing(times, warmup) -> dict:
           "step_times": times, "first_step_s": times[0]}
 
 
-def hf_peft():
-  """Hugging Face's `peft` package (this file's own name shadows it on `sys.path`)."""
-  here = Path(__file__).resolve().parent
-  saved = sys.path[:]
-  sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-  if getattr(sys.modules.get("peft"), "__file__", "").startswith(str(here)):
-    del sys.modules["peft"]
-  try:
-    import peft
-  finally:
-    sys.path[:] = saved
-  return peft
-
-
 class HfLoraRun:
   """Hugging Face PEFT LoRA (q_proj, v_proj) on transformers' Llama, on the same batches, with
   the same loss (masked next-token cross entropy), AdamW and gradient clipping."""
@@ -138,7 +124,7 @@ class HfLoraRun:
     from transformers import AutoModelForCausalLM
 
     self.threads = threads or torch.get_num_threads()
-    peft = hf_peft()
+    import peft
     self.torch = torch
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     self.model = peft.get_peft_model(model, peft.LoraConfig(

@@ -1,0 +1,232 @@
+"""4-bit weights in the packed (output-major) layout of `lmjax.packed`: two codes per byte.
+
+Each matrix is stored like the other packed formats, `[outputs, inputs]` per layer, as uint8
+bytes of two 4-bit codes, with a float32 scale and offset per group of `group_size` (32)
+consecutive inputs beside it (`<name>_scale` `[outputs, groups, 2]`): `w = code * scale +
+offset`. Float params are rounded to nearest per group with the group's minimum as offset and
+`(max - min) / 15` as scale (a GGUF Q4_1 block's arithmetic; SmolLM2-135M's GGUF weights are
+Q4_1 blocks of 32, which this reproduces: perplexity 34.6 as float32, against 46.7 for
+symmetric absmax / 7 codes, `symmetric=True`, a Q4_0 block). int4 / uint4 `QuantParams`
+(`lmjax.quant.quantize(..., "int4")`, a GGUF's Q4_0 / Q4_1 blocks kept by
+`load_pretrained(..., quant="keep")`) are packed as they are. The token embedding (and so a
+tied output projection) is int8 per row as in `lmjax.quant.packed_int` (the embedding module
+checks its param's shape, so half-width rows cannot stand in for it).
+
+Two codes per byte, split by row halves: byte `j` of a row holds input `j` in its low nibble
+and input `j + K/2` in its high nibble, so each half is a plain elementwise function of the
+byte array, and the product is two matrix-vector products:
+
+    y[n] = sum_j x[j] * w(lo(b[n, j])) + x[j + K/2] * w(hi(b[n, j]))
+
+XLA's CPU backend fuses each half's operand (mask or shift, widen, times the group's scale,
+plus its offset) into that product's per-output loop. Formulations measured (a chain of 30
+products 1536 x 576, groups of 32, a loaded 2-core CPU; against the int8 row loop, noisy):
+this one 0.3-0.7x; the halves as one concatenated operand of one product 0.01x (XLA writes the
+operand out as float32), a select on `concat([b, b])` 0.2-0.4x (the uint8 concatenation is
+written out), nibbles interleaved (input k in byte k // 2) 0.1x, within-group halves as one
+`[N, G, 2, g/2]` operand of a multi-axis product 0.01x, a fused multiply-reduce instead of a
+product 0.05-0.1x, the two products summed directly 0.02x (XLA fuses the sum into the second
+product and writes its operand out; a reduction between them, `flat_copy`, keeps each
+operand fused). XLA's loop processes about as many weights per second at 4 bits as at 8
+(the unpacking is extra work per weight and the loop is not purely memory bound), so int4
+decodes slower than packed int8 here and faster than packed bfloat16
+(benchmarks/results/quant_packed_int4.json); its case is size (0.75 bytes per weight).
+
+    packed = lmjax.packed.pack(model, params, "int4")   # groups of 32 with offsets
+    packed = lmjax.quant.packed_int4.pack(model, params, group_size=64, symmetric=True)
+    out = infer.generate(model, packed, prompts, ...)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from lmjax import packed as packed_lib
+from lmjax import packed_rows
+from lmjax.packed import _kernels
+from lmjax.quant.apply import QuantParams
+from lmjax.quant.qarray import (
+    QArray,
+    check_group,
+    codes_of,
+    dequantize,
+    quantize_array,
+    scales_of,
+    ungrouped,
+)
+
+Array = jax.Array
+GROUP = 32
+
+
+def _check(path: tuple[str, ...], q: QArray) -> None:
+  if q.fmt not in ("int4", "uint4") or q.scale2 is not None:
+    raise ValueError(f"{'/'.join(path)}: packed int4 needs int4 or uint4 weights without "
+                     f"double quantization; got fmt={q.fmt!r}, "
+                     f"double_quant={q.scale2 is not None}")
+
+
+def _layer_arrays(q: QArray, lead: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(uint8 codes in [0, 15] of the weight's shape, float32 scales, float32 offsets) with
+  `lead` layer dims; `w = codes * scale + offset` (symmetric int4: offset `-8 * scale`)."""
+  def fn(q):
+    scale = scales_of(q)
+    zero = -8.0 * scale if q.zero is None else q.zero.astype(jnp.float32)
+    return ungrouped(codes_of(q), q.axis), scale, zero
+  for _ in range(lead):
+    fn = jax.vmap(fn)
+  return tuple(np.asarray(a) for a in fn(q))
+
+
+def pack_codes(codes: np.ndarray) -> np.ndarray:
+  """uint8 codes `[..., K]` in [0, 15] -> bytes `[..., K/2]` (row halves, see docstring)."""
+  half = codes.shape[-1] // 2
+  return (codes[..., :half] | (codes[..., half:] << 4)).astype(np.uint8)
+
+
+def unpack_codes(b: Array) -> Array:
+  """Inverse of `pack_codes`: bytes `[..., K/2]` -> codes `[..., K]` (uint8 in [0, 15])."""
+  return jnp.concatenate([b & 15, b >> 4], axis=-1)
+
+
+def _quantized(model, params: Any, group_size: int, symmetric: bool) -> dict:
+  """Flat tree of `params` with every kernel a `QArray` (uint4 with offsets, or int4)."""
+  if isinstance(params, dict) and set(params) == {"params"}:
+    params = params["params"]
+  try:
+    kernels = _kernels(model, params)
+  except Exception as e:  # a params tree that does not fit the model
+    raise ValueError(f"params do not match {type(model).__name__}: {e}") from e
+  flat = flatten_dict(params)
+  fmt = "int4" if symmetric else "uint4"
+  for path, (k, ndim) in kernels.items():
+    lead = flat[path].ndim - ndim
+    try:
+      check_group(flat[path].shape[lead:], k - 1, group_size, fmt)
+    except ValueError as e:
+      raise ValueError(f"{'/'.join(path)}: {e}") from None
+  for path, (k, ndim) in kernels.items():
+    fn = functools.partial(quantize_array, fmt=fmt, group=group_size, axis=k - 1)
+    for _ in range(flat[path].ndim - ndim):
+      fn = jax.vmap(fn)
+    flat[path] = fn(flat[path])
+  return flat
+
+
+def pack(model, params: Any, fmt: str = "int4", group_size: int = GROUP,
+         symmetric: bool = False) -> packed_lib.PackedParams:
+  """int4 `PackedParams` of `model` (`lmjax.packed.pack(model, params, "int4")` calls this).
+
+  Args:
+    model: an `lmjax.CausalLM`, `MaskedLM` or `Seq2SeqLM` (scanned layers or not).
+    params: its float params tree (or `{"params": tree}`), quantized here round to nearest
+      per group of `group_size` inputs; or `QuantParams` with int4 / uint4 kernels (any
+      group size: `lmjax.quant.quantize(..., "int4")`, a GGUF's Q4_0 / Q4_1 blocks kept by
+      `load_pretrained(..., quant="keep")`), packed as they are.
+    fmt: "int4".
+    group_size: inputs per scale when quantizing float params (it must divide each kernel's
+      last contracted axis, e.g. 32 or 64 for SmolLM2).
+    symmetric: quantize float params with absmax / 7 scales and codes `c - 8` (int4, a GGUF
+      Q4_0 block) instead of a scale and a minimum per group (uint4, a Q4_1 block; default).
+
+  Returns:
+    `PackedParams` with fmt "int4": each kernel (an untied head too) uint8 `[layers?, outputs,
+    inputs / 2]` with float32 `<name>_scale` `[layers?, outputs, groups, 2]` (the scale and
+    the offset of each group: `w = code * scale + offset`); the token embedding (and so a tied
+    output projection) int8 `[V, D]` with `embedding_scale` `[V, 1]` (`lmjax.quant.packed_int`'s
+    layout: the embedding module checks its param's shape, so half-width rows cannot stand in
+    for it; a quantized embedding is dequantized and requantized); everything else as it was.
+
+  Raises:
+    ValueError: another format, a group size that does not fit, an odd input width, or
+      `QuantParams` whose kernels are not int4 / uint4.
+  """
+  if fmt != "int4":
+    raise ValueError(f"packed int4 packs format 'int4', not {fmt!r}")
+  if isinstance(params, QuantParams):
+    flat = flatten_dict(params.tree, is_leaf=lambda _, x: isinstance(x, QArray))
+  else:
+    flat = _quantized(model, params, group_size, symmetric)
+  out, packed = {}, []
+  for path, q in flat.items():
+    scale_path = path[:-1] + (path[-1] + "_scale",)
+    if path[-2:] == ("embed", "embedding"):  # int8, one scale per row
+      e = dequantize(q, jnp.float32) if isinstance(q, QArray) else q
+      e = quantize_array(e, "int8", None, axis=1)
+      out[path], out[scale_path] = e.qvalue, e.scale.astype(jnp.float32)
+      continue
+    if not isinstance(q, QArray):
+      out[path] = q
+      continue
+    _check(path, q)
+    lead = q.scale.ndim - len(q.shape)
+    codes, scale, zero = _layer_arrays(q, lead)
+    lead_shape = codes.shape[:lead]
+    k = q.axis + 1  # the group axis is the last contracted one
+    order = (*range(lead), *range(lead + k, lead + len(q.shape)), *range(lead, lead + k))
+    matrix = lead_shape + (math.prod(q.shape[k:]), math.prod(q.shape[:k]))
+    if matrix[-1] % 2:
+      raise ValueError(f"{'/'.join(path)}: packed int4 needs an even number of inputs, got "
+                       f"{matrix[-1]}")
+    out[path] = jnp.asarray(pack_codes(np.transpose(codes, order).reshape(matrix)))
+    out[scale_path] = jnp.asarray(np.stack(
+        [np.transpose(a, order).reshape(matrix[:-1] + (-1,)) for a in (scale, zero)], -1))
+    packed.append((path, k, lead, lead_shape + q.shape))
+  if not packed:
+    raise ValueError("no int4 weights to pack")
+  return packed_lib.PackedParams(unflatten_dict(out), fmt, tuple(sorted(packed)))
+
+
+def dequantized(b: Array, scale: Array) -> Array:
+  """float32 `[..., N, K]` from bytes `[..., N, K/2]` and `[..., N, G, 2]` scales, offsets."""
+  codes = unpack_codes(b).astype(jnp.float32)
+  g = codes.shape[-1] // scale.shape[-2]
+  return (codes * jnp.repeat(scale[..., 0], g, axis=-1)
+          + jnp.repeat(scale[..., 1], g, axis=-1))
+
+
+def unpack(packed: packed_lib.PackedParams) -> Any:
+  """The float32 params tree in the model's layout (the dequantized int4 weights)."""
+  flat = flatten_dict(packed.tree)
+  for path, *_ in packed.packed:
+    flat[path] = dequantized(flat[path], flat.pop(path[:-1] + (path[-1] + "_scale",)))
+  for path in [p for p in flat if p[-2:] == ("embed", "embedding")]:
+    if flat[path].dtype == jnp.int8:
+      flat[path] = flat[path].astype(jnp.float32) * flat.pop(path[:-1] + ("embedding_scale",))
+  return packed_lib.unpack(packed_lib.PackedParams(unflatten_dict(flat), "float32",
+                                                   packed.packed))
+
+
+def matmul_t(x: Array, b: Array, scale: Array, streamed: bool,
+             flat_copy: Callable[[Array], Array]) -> Array:
+  """`x [M, K] @ dequantized(b [N, K/2], scale [N, G, 2]).T` in float32.
+
+  `streamed` (batch-1 decoding): two matrix-vector products, one per nibble half, each with
+  its unpacking and scaling fused into the per-output loop. A few rows
+  (`lmjax.packed_rows.applies`): the same two products per row. SmolLM2-135M forward of
+  2 / 5 / 9 tokens over a 256-token cache (a shared 2-core CPU): 14 / 30 / 41 ms, against
+  160 ms with the dequantized matrix's matmul and 450-510 ms with `lmjax.packed_rows`'s fused
+  reduction over the unpacked halves (one row: 8 ms). More rows: that matmul.
+  """
+  half = b.shape[-1]
+  if not streamed and not packed_rows.applies(x.shape[0]):
+    return jnp.dot(x, dequantized(b, scale).T)
+  g = 2 * half // scale.shape[-2]
+  s = jnp.repeat(scale[..., 0], g, axis=-1)  # [N, K]: index math once fused
+  z = jnp.repeat(scale[..., 1], g, axis=-1)
+  lo = (b & 15).astype(jnp.float32) * s[:, :half] + z[:, :half]
+  hi = (b >> 4).astype(jnp.float32) * s[:, half:] + z[:, half:]
+
+  def row(r: Array) -> Array:  # [1, K] -> [1, N]
+    y_lo = jnp.dot(flat_copy(r[:, :half]), lo.T)
+    y_hi = jnp.dot(flat_copy(r[:, half:]), hi.T)
+    return flat_copy(y_lo) + flat_copy(y_hi)
+  return jnp.concatenate([row(x[i:i + 1]) for i in range(x.shape[0])], axis=0)

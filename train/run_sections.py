@@ -1,0 +1,77 @@
+"""The run-config sections every fine-tuning job shares (`train.sft`, `train.reward`,
+`train.dpo`, `train.rl`): the model, PEFT, optimizer, mesh, checkpoint and loop sections.
+
+A job's run config subclasses `FineTuneRun` and declares only what differs: its own fields
+(what it starts from, its data, its loss) and `MODEL_FIELD` / `MODEL_KIND` for the checks
+done here. The shared fields are keyword-only, so a subclass's required fields (`base`,
+`policy`) stay first in its constructor; `to_dict` writes a job's own sections first.
+A subclass's `__post_init__` calls `super().__post_init__()` (types, the model's name and
+kind) and then checks its own sections.
+
+    @dataclasses.dataclass(frozen=True)
+    class MyConfig(FineTuneRun):
+      MODEL_FIELD = "base"
+      MODEL_KIND = "my job fine-tunes a decoder-only (CausalLM) model"
+      base: str
+      data: MyDataConfig = dataclasses.field(default_factory=MyDataConfig)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, ClassVar
+
+from lmjax.config import TransformerConfig
+from train import config as config_lib
+from train.overrides import check_types
+from train.peft_config import PEFTConfig
+
+SHARED = ("model", "peft", "optimizer", "mesh", "checkpoint", "train")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FineTuneRun:
+  """What every fine-tuning run config has.
+
+  Attributes:
+    model: the `TransformerConfig` of the model it starts from (read from it when the run is
+      set up; only `train.sft_config.MODEL_MAY_CHANGE` fields may be set).
+    peft: the parameter-efficient method (`train.peft_config`; "none" trains every weight).
+    optimizer, mesh, checkpoint, train: as pretraining's (`train.config`).
+  """
+
+  MODEL_FIELD: ClassVar[str] = "base"  # the field naming the model the run starts from
+  MODEL_FLAG: ClassVar[str] = "--model"  # its command-line flag
+  MODEL_KIND: ClassVar[str] = "fine-tuning needs a decoder-only (CausalLM) model"
+
+  model: TransformerConfig | None = None
+  peft: PEFTConfig = dataclasses.field(default_factory=PEFTConfig)
+  optimizer: config_lib.OptimizerConfig = dataclasses.field(
+      default_factory=config_lib.OptimizerConfig)
+  mesh: config_lib.MeshConfig = dataclasses.field(default_factory=config_lib.MeshConfig)
+  checkpoint: config_lib.CheckpointConfig = dataclasses.field(
+      default_factory=config_lib.CheckpointConfig)
+  train: config_lib.TrainConfig = dataclasses.field(default_factory=config_lib.TrainConfig)
+
+  def __post_init__(self):
+    check_types(self)
+    start = getattr(self, self.MODEL_FIELD)
+    if not start:
+      raise ValueError(f"{self.MODEL_FIELD} ({self.MODEL_FLAG}) must name a pretrained model "
+                       "or a run dir")
+    if self.model is not None and (self.model.num_encoder_layers
+                                   or not self.model.num_decoder_layers):
+      raise ValueError(f"{self.MODEL_KIND}; {start!r} is not one")
+
+  def check_seq_len(self, seq_len: int, what: str = "data.seq_len") -> None:
+    """A row of `seq_len` tokens must fit the model's `max_len`."""
+    if self.model is not None and seq_len > self.model.max_len:
+      raise ValueError(f"{what}={seq_len} is above the model's max_len="
+                       f"{self.model.max_len}; lower {what}")
+
+  def to_dict(self) -> dict[str, Any]:
+    """The JSON of the run (`config.json`): the job's own sections, then the shared ones."""
+    d = json.loads(json.dumps(dataclasses.asdict(self)))
+    own = [f.name for f in dataclasses.fields(self) if f.name not in SHARED]
+    return {k: d[k] for k in own + list(SHARED)}

@@ -120,6 +120,21 @@ def _kernels(model: nn.Module, tree: Any) -> dict[tuple[str, ...], tuple[int, in
   return found
 
 
+def kernels_of(model: nn.Module, params: Any) -> tuple[dict, dict]:
+  """`(flat params, kernels)`: `params` (or `{"params": tree}`) flattened, and `_kernels` of them.
+
+  Raises:
+    ValueError: the params tree does not fit the model.
+  """
+  if isinstance(params, dict) and set(params) == {"params"}:
+    params = params["params"]
+  try:
+    kernels = _kernels(model, params)
+  except Exception as e:  # a params tree that does not fit the model
+    raise ValueError(f"params do not match {type(model).__name__}: {e}") from e
+  return flatten_dict(params), kernels
+
+
 def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
   """Packs `params` of `model` for inference (bfloat16: the weights rounded once).
 
@@ -148,13 +163,7 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
   if fmt in INT_FORMATS:
     from lmjax.quant import packed_int
     return packed_int.pack(model, params, fmt)
-  if isinstance(params, dict) and set(params) == {"params"}:
-    params = params["params"]
-  try:
-    kernels = _kernels(model, params)
-  except Exception as e:  # a params tree that does not fit the model
-    raise ValueError(f"params do not match {type(model).__name__}: {e}") from e
-  flat = flatten_dict(params)
+  flat, kernels = kernels_of(model, params)
   out, packed = dict(flat), []
   dtype = jnp.dtype(fmt)
   # The copies are made on the host with numpy: one pass per matrix, nothing to compile

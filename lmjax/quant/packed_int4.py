@@ -51,7 +51,6 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lmjax import packed as packed_lib
 from lmjax import packed_rows
-from lmjax.packed import _kernels
 from lmjax.quant.apply import QuantParams
 from lmjax.quant.qarray import (
     QArray,
@@ -99,13 +98,7 @@ def unpack_codes(b: Array) -> Array:
 
 def _quantized(model, params: Any, group_size: int, symmetric: bool) -> dict:
   """Flat tree of `params` with every kernel a `QArray` (uint4 with offsets, or int4)."""
-  if isinstance(params, dict) and set(params) == {"params"}:
-    params = params["params"]
-  try:
-    kernels = _kernels(model, params)
-  except Exception as e:  # a params tree that does not fit the model
-    raise ValueError(f"params do not match {type(model).__name__}: {e}") from e
-  flat = flatten_dict(params)
+  flat, kernels = packed_lib.kernels_of(model, params)
   fmt = "int4" if symmetric else "uint4"
   for path, (k, ndim) in kernels.items():
     lead = flat[path].ndim - ndim

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lmjax import packed as packed_lib
 from lmjax.counting import example_inputs
-from lmjax.packed import _kernels
 from lmjax.quant.apply import QuantParams
 from lmjax.quant.qarray import QArray, check_group, dequantize, double_quantize, quantize_array
 from lmjax.sharding import LOGICAL_RULES, _fits
@@ -38,18 +38,18 @@ MODEL_FORMATS = ("int8", "int4", "nf4")
 DEFAULT_GROUP = {"int8": None, "int4": 64, "nf4": 64}
 
 
-def _targets(model: nn.Module, tree: Any, embeddings, head) -> dict:
+def _targets(model: nn.Module, flat: dict, kernels: dict, embeddings, head) -> dict:
   """Path -> (group axis in one layer's array, leading layer dims, format or True)."""
   found = {}
-  for path, (k, ndim) in _kernels(model, tree).items():
-    w = flatten_dict(tree)[path]
+  for path, (k, ndim) in kernels.items():
+    w = flat[path]
     is_head = path[-2:] == ("head", "kernel") or (k == 1 and ndim == 2 and w.shape[-1]
                                                   == model.config.vocab_size)
     choice = head if is_head else True
     if choice:
       found[path] = (k - 1, w.ndim - ndim, choice)
   if embeddings:
-    for path in flatten_dict(tree):
+    for path in flat:
       if path[-2:] == ("embed", "embedding"):
         found[path] = (1, 0, embeddings)
   return found
@@ -115,13 +115,8 @@ def quantize(model: nn.Module, params: Any, fmt: str, group_size: int | None = -
       raise ValueError(f"{name}={v!r}: give True, False or one of {MODEL_FORMATS}")
   if isinstance(params, QuantParams):
     raise ValueError("params are already quantized")
-  if isinstance(params, dict) and set(params) == {"params"}:
-    params = params["params"]
-  try:
-    targets = _targets(model, params, embeddings, head)
-  except Exception as e:  # a params tree that does not fit the model
-    raise ValueError(f"params do not match {type(model).__name__}: {e}") from e
-  flat = flatten_dict(params)
+  flat, kernels = packed_lib.kernels_of(model, params)
+  targets = _targets(model, flat, kernels, embeddings, head)
   plan = {}
   for path, (axis, lead, choice) in targets.items():
     f = fmt if choice is True else choice

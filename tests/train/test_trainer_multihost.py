@@ -27,6 +27,30 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def two_processes(args: list[str], timeout: float = 240) -> list[str]:
+  """Runs `python *args` as processes 0 and 1 of one `jax.distributed` job (gloo collectives
+  on CPU, 2 devices each); asserts both exit 0 and returns their stdouts."""
+  port = free_port()
+  procs = []
+  for i in range(2):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}
+    procs.append(subprocess.Popen([sys.executable, *args], cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=timeout))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f"process {i}: {err[-3000:]}"
+  return [out for out, _ in outs]
+
+
 class TwoHosts:
   """The global batch two hosts would feed: host 0's rows, then host 1's."""
 
@@ -49,27 +73,9 @@ def test_two_processes_match_one_process(data_dirs, tmp_path):  # noqa: F811
   multi = tmp_path / "multi"
   sets = tiny_sets(data_dirs, steps=STEPS, extra=["data.batch_size=4", "mesh.data=-1",
                                                   "mesh.distributed=true"])
-  port = free_port()
-  procs = []
-  for i in range(2):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-           "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}
-    procs.append(subprocess.Popen(
-        [sys.executable, "-m", "train.pretrain", "--workdir", str(multi), "--set", *sets],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  outs = []
-  try:
-    for p in procs:
-      outs.append(p.communicate(timeout=240))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  assert "4 cpu devices, 2 process(es)" in outs[0][0]
-  assert "run config" in outs[0][0] and "run config" not in outs[1][0]  # Process 0 prints.
+  outs = two_processes(["-m", "train.pretrain", "--workdir", str(multi), "--set", *sets])
+  assert "4 cpu devices, 2 process(es)" in outs[0]
+  assert "run config" in outs[0] and "run config" not in outs[1]  # Process 0 prints.
 
   single = tmp_path / "single"
   config = tiny_config(data_dirs, steps=STEPS, extra=["data.batch_size=8", "mesh.data=4"])

@@ -89,8 +89,9 @@ def widen(w: Array) -> Array:
   return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _role(m: nn.Module, method: str) -> str | None:
-  """What the packed reader computes for this module call: "einsum", "embedding", "head"."""
+def module_role(m: nn.Module, method: str) -> str | None:
+  """What a weight reader (packed, quantized) computes for this module call: "einsum",
+  "embedding", "head", or None (the module runs as it is)."""
   if isinstance(m, Einsum) and method == "__call__" and project_split(m.eqn):
     return "einsum"
   if isinstance(m, TokenEmbedding) and method in ("__call__", "attend"):
@@ -105,7 +106,7 @@ def _kernels(model: nn.Module, tree: Any) -> dict[tuple[str, ...], tuple[int, in
   found: dict[tuple[str, ...], tuple[int, int]] = {}
 
   def record(next_fun, args, kwargs, context):
-    m, role = context.module, _role(context.module, context.method_name)
+    m, role = context.module, module_role(context.module, context.method_name)
     if role == "einsum":
       found[tuple(m.scope.path) + ("kernel",)] = (project_split(m.eqn), len(m.shape))
     elif role == "head":
@@ -290,7 +291,7 @@ def _head(m: nn.Module, x: Array) -> Array:
 
 
 def _interceptor(next_fun, args, kwargs, context):
-  m, role = context.module, _role(context.module, context.method_name)
+  m, role = context.module, module_role(context.module, context.method_name)
   if role == "einsum":
     return _einsum(m, args[0])
   if role == "embedding":

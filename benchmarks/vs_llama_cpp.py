@@ -4,8 +4,9 @@ The file is the SmolLM2-135M-Instruct GGUF that `lmjax.load_pretrained("smollm2-
 reads (Q4_1 / Q8_0 blocks). llama.cpp runs it through `llama-cpp-python` (the `reference`
 extra), one token per `decode` (`n_batch=1`: this CPU build crashes on a multi-token batch, and
 batch-1 decode is what is timed). lmjax runs float32 (the GGUF dequantized: the agreement
-reference), packed float32 / bfloat16 / int8 (`lmjax.packed.pack`) and the Q4_1 blocks kept as
-they are (`load_pretrained(..., quant="keep")`).
+reference), packed float32 / bfloat16 / int8 / int4 / nf4 (`lmjax.packed.pack`), the Q4_1
+blocks kept as they are (`load_pretrained(..., quant="keep")`) and those blocks packed
+(`packed-q4_1-kept`: the same codes, scales and minimums; the Q8_0 embedding int8 per row).
 
 * Quality: perplexity on the held-out token ids of benchmarks/quant.py (4 rows of 256 tokens from
   the second half of the embedded Shakespeare corpus, lmjax's tokenizer), llama.cpp fed the same
@@ -114,7 +115,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--formats", default="float32,packed-float32,packed-bfloat16,packed-int8,"
-                  "q4_1-kept")
+                  "packed-int4,packed-nf4,q4_1-kept,packed-q4_1-kept")
   ap.add_argument("--threads", default="1,2", help="llama.cpp thread counts to time")
   ap.add_argument("--name", default="llama_cpp")
   args = ap.parse_args()

@@ -124,7 +124,8 @@ def load(args, one_row: bool = False, weights_cache: bool = False, clock=None):
 
 def _load_quantized(args, clock, one_row: bool = False):
   """`load` with `--quant`: the float params loaded, then `lmjax.quant.quantize`d (or a GGUF's
-  blocks kept); int8 for one sequence on a CPU (`--packed auto`) packed as int8 rows."""
+  blocks kept); for one sequence on a CPU (`--packed auto`) packed instead (`lmjax.packed`:
+  int8 rows, int4 / nf4 two codes a byte in groups of 32 / 64)."""
   if args.workdir is not None:
     if args.quant == "keep":
       raise ValueError("--quant keep needs a GGUF --model")
@@ -139,9 +140,9 @@ def _load_quantized(args, clock, one_row: bool = False):
   if clock:
     clock.phase("load")
   model = lmjax.model_for(config)
-  if args.quant == "int8" and packed_format(args.packed, False, one_row) is not None:
-    # batch 1 on a CPU: int8 codes output-major (lmjax.quant.packed_int), the fast layout
-    return config, lmjax.packed.pack(model, params, "int8"), tokenizer
+  if packed_format(args.packed, False, one_row) is not None:
+    # batch 1 on a CPU: codes output-major (lmjax.quant.packed_int, packed_int4), the fast layout
+    return config, lmjax.packed.pack(model, params, args.quant), tokenizer
   return config, lmjax.quant.quantize(model, params, args.quant), tokenizer
 
 

@@ -95,8 +95,9 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
                       "CPU for one sequence, in the params' dtype; --packed alone: bfloat16")
   p.add_argument("--quant", choices=("int8", "int4", "nf4", "keep"),
                  help="decode from quantized weights (lmjax.quant; replaces --packed): int8 "
-                      "per channel (packed output-major for one sequence on a CPU unless "
-                      "--packed none), int4/nf4 in groups of 64; keep: a GGUF --model's own "
+                      "per channel, int4/nf4 in groups of 64; for one sequence on a CPU "
+                      "(unless --packed none) packed output-major instead (int4: groups of 32 "
+                      "with offsets, GGUF Q4_1 arithmetic); keep: a GGUF --model's own "
                       "Q8_0/Q4_0/Q4_1 blocks")
   p.add_argument("--draft", help="speculative decoding (infer.speculative): 'ngram' (prompt "
                  "lookup) or a drafter model's name or path with the same tokenizer")

@@ -261,6 +261,8 @@ def generate(model, params, prompts, *, tokenizer=None, max_new_tokens: int = 64
     model: an `lmjax.CausalLM` or `lmjax.Seq2SeqLM`.
     params: its params (the raw tree, or `{"params": tree}`), or `lmjax.packed.pack(model,
       params, fmt)` (bfloat16 or float32 weights laid out for fast batch-1 decoding on a CPU).
+      Sharded params (`lmjax.init_sharded`, under `jax.set_mesh`) may span several
+      processes (`jax.distributed`): call on every process; each gets all rows.
     prompts: a string, a list of token ids, or a list of either (B prompts of any lengths).
       Strings are encoded with `tokenizer`; a `Seq2SeqLM` source gets EOS at the end (as in
       training). Token-id prompts are used as given.

@@ -11,11 +11,11 @@ import dataclasses
 import math
 from typing import Any
 
-import jax
 import numpy as np
 
 from infer import stops
 from infer.requests import Request
+from lmjax import sharding
 
 __all__ = ["STOP_REASONS", "REASON_NAMES", "Candidate", "GenerateResult", "mean_log_prob",
            "completion_text", "decode_text", "collect", "best"]
@@ -111,8 +111,10 @@ def decode_text(tokenizer, ids: list[int]) -> str:
 
 
 def collect(req: Request, state: dict, tokenizer) -> GenerateResult:
-  """The `GenerateResult` of a finished loop `state` (shared by `generate` and `stream`)."""
-  host = jax.device_get({k: v for k, v in state.items() if k != "cache"})
+  """The `GenerateResult` of a finished loop `state` (shared by `generate` and `stream`).
+  Rows split over other hosts' devices (a model sharded across processes under
+  `jax.set_mesh`) are gathered to every host: every process calls this."""
+  host = sharding.to_host({k: v for k, v in state.items() if k != "cache"})
   toks, lps, reasons, logits = [], [], [], []
   for r in range(req.plan.rows):
     n = int(host["n"][r])

@@ -19,9 +19,15 @@ from infer import sampling
 
 Array = jax.Array
 
-__all__ = ["NGRAM", "sampler_probs", "accept", "ngram_propose"]
+__all__ = ["NGRAM", "NGRAM_MIN", "sampler_probs", "accept", "ngram_propose"]
 
 NGRAM = 3  # longest n-gram "ngram" drafting matches
+# Shortest: a lone repeated token predicts little (open-ended SmolLM2-135M text: drafts after
+# 1-gram matches kept ~1 in 10), and a check of k + 1 tokens costs ~2 one-token steps on a CPU,
+# so such rounds are plain steps. Simulated on benchmarks/speculative.py's greedy outputs
+# (k = 4, checks / plain steps): edit 77 / 10 -> 66 / 23, open 178 / 124 -> 76 / 248, copy
+# 17 / 3 -> 13 / 11; at 2.07 steps a check: edit 1.43x -> 1.51x, open 0.78x -> 0.95x, copy 1.5x.
+NGRAM_MIN = 2
 
 
 def sampler_probs(logits: Array, consts: dict, flags: dict) -> Array:
@@ -65,16 +71,17 @@ def accept(p: Array, q: Array, drafts: Array, u: Array, keys: Array) -> tuple[Ar
   return n, token
 
 
-def ngram_propose(hist: Array, hlen: Array, k: int, max_n: int = NGRAM) -> tuple[Array, Array]:
+def ngram_propose(hist: Array, hlen: Array, k: int, max_n: int = NGRAM,
+                  min_n: int = NGRAM_MIN) -> tuple[Array, Array]:
   """Prompt-lookup drafts `[R, k]`: the k tokens after the latest earlier occurrence of each
   row's last n tokens in `hist` `[R, S]` (its first `hlen` `[R]` are real), the longest n in
-  max_n..1 that occurs; the last token repeated where none does. Also `[R]` bool: a match was
-  found."""
+  max_n..min_n that occurs; the last token repeated where none does. Also `[R]` bool: a match
+  was found."""
   r, s = hist.shape
   pos = jnp.arange(s)[None, :]
   padded = jnp.pad(hist, ((0, 0), (0, max_n)), constant_values=-1)
   start = jnp.full((r,), -1, jnp.int32)
-  for g in range(max_n, 0, -1):
+  for g in range(max_n, min_n - 1, -1):
     tail = jnp.take_along_axis(hist, jnp.clip(hlen[:, None] - g + jnp.arange(g)[None], 0, s - 1), 1)
     match = (pos + g < hlen[:, None]) & (hlen[:, None] > g)
     for i in range(g):

@@ -14,6 +14,7 @@ import numpy as np
 
 from lmjax.config import TransformerConfig
 from lmjax.layers import DEFAULT_KERNEL_INIT, dtype_of, einsum_f32, param
+from lmjax.sharding import constrain
 
 Array = jax.Array
 
@@ -29,7 +30,11 @@ class TokenEmbedding(nn.Module):
                            ("vocab", "embed"), dtype_of(cfg.param_dtype))
 
   def __call__(self, ids: Array) -> Array:
-    x = jnp.take(self.embedding, ids, axis=0).astype(dtype_of(self.config.dtype))
+    # The table whole on its width (gathered like any fsdp weight before use), so the rows it
+    # gives take the activations' batch/length split directly.
+    table = constrain(self.embedding, ("vocab", None))
+    x = jnp.take(table, ids, axis=0).astype(dtype_of(self.config.dtype))
+    x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     if self.config.scale_embeddings:
       x = x * jnp.sqrt(jnp.asarray(self.config.model_dim, x.dtype))
     return x

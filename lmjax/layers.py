@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax import sharding
 from lmjax.config import TransformerConfig
 
 Array = jax.Array
@@ -58,10 +59,12 @@ def project(eqn: str, x: Array, w: Array) -> Array:
 
   When `project_split(eqn)` is k > 0, both sides are reshaped to matrices (XLA's CPU backend
   ran the 3-D form of a SwiGLU feed-forward 1.4x slower fwd+bwd). Other equations go to
-  `jnp.einsum`.
+  `jnp.einsum`, and so does every projection on a mesh with a `sequence` axis: merging a
+  length split over devices into the rows of a matrix is not a split XLA can keep, so each
+  device would compute (and keep for the backward) its rows at full length.
   """
   k = project_split(eqn)
-  if k == 0:
+  if k == 0 or sharding.sequence_shards() > 1:
     return jnp.einsum(eqn, x, w)
   lead, free = x.shape[:x.ndim - k], w.shape[k:]
   kdim = math.prod(w.shape[:k])

@@ -55,9 +55,9 @@ Array = jax.Array
 FORMATS = ("bfloat16", "float32")
 # Integer formats: codes output-major like the float formats, a float32 scale per output and
 # group beside each (`<name>_scale`), applied after the row's dot (`lmjax.quant` rounding);
-# "int4": two codes per byte, the group scales applied inside the row's loop
+# "int4" / "nf4": two codes per byte, the group scales applied inside the row's loop
 # (`lmjax.quant.packed_int4`).
-INT_FORMATS = ("int8", "int4")
+INT_FORMATS = ("int8", "int4", "nf4")
 
 
 @flax.struct.dataclass
@@ -143,8 +143,8 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
     model: an `lmjax.CausalLM`, `MaskedLM` or `Seq2SeqLM` (scanned layers or not).
     params: its raw params tree (or `{"params": tree}`); left unchanged.
     fmt: the storage format: "bfloat16" (weights rounded once, 2 bytes each), "float32"
-      (exact), "int8" (`lmjax.quant.packed_int`) or "int4" (`lmjax.quant.packed_int4`: two
-      codes per byte, a scale per 32 inputs, the embedding int8).
+      (exact), "int8" (`lmjax.quant.packed_int`), "int4" or "nf4" (`lmjax.quant.packed_int4`:
+      two codes per byte, a scale per 32 (nf4: 64) inputs, the embedding int8).
 
   Returns:
     `PackedParams`: every projection matrix transposed to `[outputs..., inputs...]` and
@@ -158,7 +158,7 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
     raise ValueError(f"unknown packed format {fmt!r}; formats are {FORMATS + INT_FORMATS}")
   if isinstance(params, PackedParams):
     raise ValueError("params are already packed")
-  if fmt == "int4":
+  if fmt in ("int4", "nf4"):
     from lmjax.quant import packed_int4  # lmjax.quant imports this module
     return packed_int4.pack(model, params, fmt)
   if fmt in INT_FORMATS:
@@ -185,7 +185,7 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
 
 def unpack(packed: PackedParams) -> Any:
   """The raw params tree back: packed matrices in the model's layout, as float32."""
-  if packed.fmt == "int4":
+  if packed.fmt in ("int4", "nf4"):
     from lmjax.quant import packed_int4
     return packed_int4.unpack(packed)
   if packed.fmt in INT_FORMATS:
@@ -216,7 +216,7 @@ MAX_STREAMED_ROWS = 1
 def _matmul_t(x: Array, w: Array, scale: Array | None = None) -> Array:
   """`x [M, K] @ widen(w [N, K]).T` in float32 (integer codes: times `scale` `[N, G]`)."""
   x = x.astype(jnp.float32)
-  if w.dtype == jnp.uint8:  # int4: two codes per byte
+  if w.dtype == jnp.uint8:  # int4 / nf4: two codes per byte
     from lmjax.quant import packed_int4
     return packed_int4.matmul_t(x, w, scale, x.shape[0] <= MAX_STREAMED_ROWS, _flat_copy)
   if (x.shape[0] > MAX_STREAMED_ROWS and packed_rows.applies(x.shape[0])

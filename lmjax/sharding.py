@@ -136,6 +136,27 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+def to_host(tree: Any) -> Any:
+  """The arrays of `tree` as numpy arrays with their global values, on every process.
+
+  Under `jax.distributed` an array split over devices of other processes cannot be fetched
+  (`jax.device_get` raises): those are gathered to every host (`process_allgather`, a
+  collective: every process must call this with the same tree). Fully replicated and
+  fully addressable arrays are copied from this host's devices.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  split = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)
+           and not x.is_fully_addressable and not x.is_fully_replicated]
+  out = jax.device_get([None if i in split else x for i, x in enumerate(leaves)])
+  if split:
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather([leaves[i] for i in split], tiled=True)
+    for i, x in zip(split, gathered):
+      out[i] = np.asarray(x)
+  return jax.tree.unflatten(treedef, out)
+
+
 def sequence_shards() -> int:
   """Size of the `sequence` axis of the mesh set by `jax.set_mesh` (1 with no mesh, a mesh
   without that axis, or inside a `shard_map` that already made it manual)."""

@@ -189,6 +189,50 @@ class TaskEvalConfig:
                        f"{self.batch_size} >= 1")
 
 
+QAT_FORMATS = ("none", "int8", "int4", "nf4")
+QUANT_CHOICES = ("true", "false", "int8", "int4", "nf4")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """Quantization-aware training (`train.qat`): with `qat` set, the trained model's weights are
+  fake-quantized in every training and evaluation step (a straight-through estimator), exactly
+  as `lmjax.quant.quantize(model, params, qat, group_size, embeddings=..., head=...)` then
+  serves them, so the validation loss is the quantized model's.
+
+  `group_size`: weights per group (-1: the format's default, int8 per channel and int4/nf4 64;
+  none: the whole axis). `embeddings` / `head`: "true" (in `qat`'s format), "false" (float),
+  or another format for the token embedding (so a tied output projection) / an untied head.
+  """
+
+  qat: str = "none"
+  group_size: int | None = -1
+  embeddings: str = "true"
+  head: str = "true"
+
+  def __post_init__(self):
+    check_types(self)
+    if self.qat not in QAT_FORMATS:
+      raise ValueError(f"quant.qat={self.qat!r}; allowed: {QAT_FORMATS}")
+    if self.group_size is not None and self.group_size != -1 and self.group_size < 1:
+      raise ValueError(f"quant.group_size={self.group_size}; allowed: an int >= 1, -1 (the "
+                       "format's default) or none (the whole axis)")
+    for key in ("embeddings", "head"):
+      if getattr(self, key) not in QUANT_CHOICES:
+        raise ValueError(f"quant.{key}={getattr(self, key)!r}; allowed: {QUANT_CHOICES}")
+
+  @property
+  def enabled(self) -> bool:
+    return self.qat != "none"
+
+  def quantize_args(self) -> dict[str, Any]:
+    """The keyword arguments of `lmjax.quant.quantize` (besides the format) this asks for."""
+    def choice(v: str) -> bool | str:
+      return {"true": True, "false": False}.get(v, v)
+    return {"group_size": self.group_size, "embeddings": choice(self.embeddings),
+            "head": choice(self.head)}
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """Everything a training run needs; `to_dict()` is what `WORKDIR/config.json` holds."""
@@ -201,6 +245,7 @@ class RunConfig:
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
   eval: TaskEvalConfig = dataclasses.field(default_factory=TaskEvalConfig)
+  quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
 
   def __post_init__(self):
     check_types(self)

@@ -29,6 +29,7 @@ from lmjax import checkpoint as layout
 from lmjax.checkpoint import CheckpointReadError
 from train import config as config_lib
 from train import plan as plan_lib
+from train import qat as qat_lib
 from train.checkpointing import Checkpointer, CheckpointMismatchError, section_defaults
 from train.feedback import Feedback, peak_flops
 from train.optimizer import learning_rate_schedule, make_optimizer
@@ -155,13 +156,17 @@ def build_trainer(job: Job, config, mesh: jax.sharding.Mesh | None = None) -> Tr
   """The trainer of a run config: the job's model and loss, AdamW, over the mesh."""
   steps = config.train.steps
   init_params, frozen = job.partition(config)
-  return Trainer(job.model(config), job.loss(config), make_optimizer(config.optimizer, steps),
-                 build_mesh(config.mesh) if mesh is None else mesh,
-                 init_inputs=lmjax.counting.example_inputs(config.model),
-                 global_batch=config.data.batch_size * jax.process_count(),
-                 grad_accum=config.train.grad_accum, seed=config.train.seed,
-                 learning_rate=learning_rate_schedule(config.optimizer, steps),
-                 init_params=init_params, frozen=frozen)
+  model, quant = job.model(config), getattr(config, "quant", config_lib.QuantConfig())
+  loss, frozen = qat_lib.wrap(quant, model, job.loss(config), frozen)  # `quant.qat`
+  trainer = Trainer(model, loss, make_optimizer(config.optimizer, steps),
+                    build_mesh(config.mesh) if mesh is None else mesh,
+                    init_inputs=lmjax.counting.example_inputs(config.model),
+                    global_batch=config.data.batch_size * jax.process_count(),
+                    grad_accum=config.train.grad_accum, seed=config.train.seed,
+                    learning_rate=learning_rate_schedule(config.optimizer, steps),
+                    init_params=init_params, frozen=frozen)
+  qat_lib.check(quant, model, trainer.abstract_state.params)
+  return trainer
 
 
 def state_from_params(trainer: Trainer, params, *, donate: bool = False) -> TrainState:
@@ -176,6 +181,20 @@ def state_from_params(trainer: Trainer, params, *, donate: bool = False) -> Trai
     return jax.jit(init, in_shardings=(trainer.state_shardings.params,),
                    out_shardings=trainer.state_shardings,
                    donate_argnums=0 if donate else ())(params)
+
+
+def _qat_report(job: Job, config, trainer: Trainer, params, tokenizer, pipes: list,
+                workdir) -> dict[str, Any]:
+  """A QAT run's `report.json` entry: the validation figures of the same params read as float
+  (the `validation` figures are the quantized model's, as served), and how to serve it."""
+  float_trainer = build_trainer(
+      job, dataclasses.replace(config, quant=config_lib.QuantConfig()), trainer.mesh)
+  float_trainer.frozen_params = trainer.frozen_params  # placed alike (same partition)
+  it = job.eval_batches(config, tokenizer)
+  pipes.append(it)
+  val = float_trainer.evaluate(params, it, config.train.eval_batches)
+  return {"qat": config.quant.qat, **config.quant.quantize_args(),
+          "validation_float": val, "serve": qat_lib.served_command(config.quant, workdir)}
 
 
 def write_json(path, data: dict) -> None:
@@ -276,9 +295,10 @@ def run(job: Job, config, workdir: str | os.PathLike, *, hooks: Sequence[Callabl
       if getattr(config, "eval", None) and config.eval.tasks:
         from train import evaluate as evaluate_lib
 
+        target = qat_lib.served_target(getattr(config, "quant", config_lib.QuantConfig()),
+                                       job.eval_target(config, trainer, params))
         evals["last"].update(evaluate_lib.training_metrics(
-            config.eval, job.eval_target(config, trainer, params), trainer.mesh, tokenizer,
-            feedback.print))
+            config.eval, target, trainer.mesh, tokenizer, feedback.print))
       return evals["last"]
 
     def save(step, state, val):
@@ -301,6 +321,9 @@ def run(job: Job, config, workdir: str | os.PathLike, *, hooks: Sequence[Callabl
     if "last" not in evals:  # Already trained to `steps`: evaluate for the report.
       evaluate(state.params)
     result["validation"] = evals["last"]
+    if getattr(config, "quant", config_lib.QuantConfig()).enabled:
+      result["quant"] = _qat_report(job, config, trainer, state.params, tokenizer, pipes,
+                                    workdir)
     result.update(job.report(config, trainer, state.params, tokenizer, before))
     if is_main:
       write_json(workdir / "report.json", result)
@@ -407,5 +430,7 @@ def main(job: Job, doc: str, argv: Sequence[str] | None = None, *,
     return 1
   if jax.process_index() == 0 and result["reason"] == "done":
     job.print_report(result)
+    if "quant" in result:
+      print(qat_lib.report_line(result))
     print(f"wrote {workdir}: {workdir_contents(workdir)}")
   return 0

@@ -178,21 +178,32 @@ def activation_bytes(cfg: TransformerConfig, rows: int, seq_len: int, tensor: in
   # One layer without remat: norm outputs and residuals (4 x D), q, k, v and the attention
   # output, the FFN's input projections and activation.
   layer = bt * c * (4 * d + 2 * q + 2 * kv + ffn_in + f)
-  if sequence > 1:  # the gathered keys and values of the whole row
-    layer += 2 * rows * seq_len * c * (q if cfg.attention == "reference" else kv)
+  # The gathered keys and values of the whole row, kept by each layer; and, once, their
+  # cotangents at full length in a layer's backward (before the reduce-scatter that is the
+  # gather's transpose).
+  gathered = 2 * rows * seq_len * c * (q if cfg.attention == "reference" else kv)
+  layer += gathered if sequence > 1 else 0
+  transient = gathered if sequence > 1 else 0
   # The reference attention keeps its float32 scores and probabilities.
   scores = 2 * rows * heads * local * seq_len * 4 if cfg.attention == "reference" else 0
   lse = rows * heads * local * 4
   layers = cfg.num_encoder_layers + cfg.num_decoder_layers
   full_layer = layer + scores + lse
   if cfg.remat_policy == "full":  # Layer inputs kept; one layer recomputed at a time.
-    return layers * bt * d * c + full_layer
+    return layers * bt * d * c + full_layer + transient
   if cfg.remat_policy in ("dots", "dots_no_batch"):  # Matmul outputs kept, the rest redone.
     kept = bt * c * (2 * d + 2 * q + 2 * kv + ffn_in) + lse
     if cfg.remat_policy == "dots":
       kept += scores
-    return layers * kept + full_layer
-  return layers * full_layer
+    return layers * kept + full_layer + transient
+  # Without remat each layer's residuals stay until its backward (stacked by the scan): also
+  # what the recomputation of one layer fuses away (JAX's saved residuals,
+  # `jax.ad_checkpoint.print_saved_residuals`): a gated FFN's sigmoid(gate) and act(gate)
+  # beside gate, up and their product, and the reference attention's head-major copies of
+  # q, k and v.
+  saved = full_layer + bt * c * ((2 * f if cfg.gated else 0)
+                                 + (q + 2 * kv if cfg.attention == "reference" else 0))
+  return layers * saved + transient
 
 
 def plan(cfg: TransformerConfig, *, mesh: dict[str, int], global_batch: int, seq_len: int,

@@ -150,10 +150,12 @@ def _demo_data() -> PreferenceDataConfig:
 
 
 def _reward_demo() -> RewardConfig:
-  # SmolLM2-135M-Instruct on the arithmetic pairs, sized for 2 CPU cores (a few minutes).
+  # SmolLM2-135M-Instruct on the arithmetic pairs, sized for 2 CPU cores (about 10 minutes):
+  # 50 steps of 4 pairs at 1e-4 (30 steps at 5e-5 left held-out accuracy at 0.60; the fresh
+  # score head moves slowly at a small learning rate).
   return RewardConfig(
-      base="smollm2-135m-instruct", data=_demo_data(), optimizer=_optimizer(5e-5, 30),
-      checkpoint=config_lib.CheckpointConfig(every=15, keep=2), train=_train(30))
+      base="smollm2-135m-instruct", data=_demo_data(), optimizer=_optimizer(1e-4, 50),
+      checkpoint=config_lib.CheckpointConfig(every=25, keep=2), train=_train(50))
 
 
 def _dpo_demo() -> DPOConfig:

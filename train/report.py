@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import infer
+import lmjax
 from train.objectives import token_targets
 
 
@@ -63,11 +64,7 @@ def unigram_perplexity(counts: np.ndarray, batches: Iterator[dict[str, np.ndarra
 
 def gather_params(params: Any) -> Any:
   """The params as host numpy arrays on every process (gathered across hosts if needed)."""
-  if all(x.is_fully_addressable for x in jax.tree.leaves(params)):
-    return jax.device_get(params)
-  from jax.experimental import multihost_utils
-
-  return multihost_utils.process_allgather(params, tiled=True)
+  return lmjax.sharding.to_host(params)
 
 
 # --- the prompts: continued, generated from, or filled in -----------------------------------

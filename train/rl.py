@@ -54,6 +54,7 @@ from lmjax import checkpoint as layout
 from train import config as config_lib
 from train import job as job_lib
 from train import peft_train, rl_data, rl_loss, rl_report, rl_rewards, rollout, sft
+from train import qat as qat_lib
 from train.checkpointing import Checkpointer
 from train.optimizer import learning_rate_schedule, make_optimizer
 from train.rl_config import PRESETS, RLConfig
@@ -98,8 +99,10 @@ def build_trainer(config: RLConfig, mesh=None) -> Trainer:
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *x)["params"])
   rl = config.rl
   ps = peft_setup(config)
+  # `quant.qat` (never beside peft): the policy as served, in the loss and in the rollouts.
+  fq = qat_lib.quantizer(config.quant, model) if config.quant.enabled else (lambda p: p)
   init_policy = ps.init_params if ps else (lambda key: model.init(key, *x)["params"])
-  adapted = ps.combine if ps else (lambda t, f: t)
+  adapted = ps.combine if ps else (lambda t, f: fq(t))
   init_params = ps.init_params if ps else None
   if rl.algorithm == "ppo":
     d = config.model.model_dim
@@ -114,15 +117,17 @@ def build_trainer(config: RLConfig, mesh=None) -> Trainer:
   elif ps:
     combine = ps.frozen_with(lambda policy, ref: {"policy": policy, "reference": ref}).combine
   else:
-    combine = lambda t, f: {"policy": t, "reference": f}  # noqa: E731
+    combine = lambda t, f: {"policy": fq(t), "reference": f}  # noqa: E731
   updates = config.train.steps * rl.updates_per_rollout
-  return Trainer(ps.model if ps else model, rl_loss.make_loss(rl),
-                 make_optimizer(config.optimizer, updates),
-                 job_lib.build_mesh(config.mesh) if mesh is None else mesh, init_inputs=x,
-                 global_batch=config.rows // rl.num_minibatches,
-                 grad_accum=config.train.grad_accum, seed=config.train.seed,
-                 learning_rate=learning_rate_schedule(config.optimizer, updates),
-                 init_params=init_params, frozen=Frozen(ps.abstract if ps else boxed, combine))
+  trainer = Trainer(ps.model if ps else model, rl_loss.make_loss(rl),
+                    make_optimizer(config.optimizer, updates),
+                    job_lib.build_mesh(config.mesh) if mesh is None else mesh, init_inputs=x,
+                    global_batch=config.rows // rl.num_minibatches,
+                    grad_accum=config.train.grad_accum, seed=config.train.seed,
+                    learning_rate=learning_rate_schedule(config.optimizer, updates),
+                    init_params=init_params, frozen=Frozen(ps.abstract if ps else boxed, combine))
+  qat_lib.check(config.quant, model, policy_of(config, trainer.abstract_state.params))
+  return trainer
 
 
 def policy_of(config: RLConfig, params):
@@ -318,7 +323,9 @@ def run(config: RLConfig, workdir, *, load_policy=None, stop_after: int | None =
 # --- the command line ----------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, caches: bool = False) -> int:
+  """`python -m train.rl`; `caches`: JAX's persistent compilation cache, as the command line
+  runs (a call from Python leaves it alone)."""
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   job = job_lib.Job()
   job.name, job.presets = "rl", PRESETS
@@ -338,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   workdir = args.workdir or job_lib.default_workdir(job, args.config)
-  lmjax.compilation_cache.enable_for_command("python -m train.rl")
+  if caches:
+    lmjax.compilation_cache.enable_for_command("python -m train.rl")
   try:
     result = run(config, workdir)
   except (ValueError, FloatingPointError, FileNotFoundError) as e:
@@ -350,4 +358,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(caches=True))

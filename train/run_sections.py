@@ -27,7 +27,7 @@ from train import config as config_lib
 from train.overrides import check_types
 from train.peft_config import PEFTConfig
 
-SHARED = ("model", "peft", "optimizer", "mesh", "checkpoint", "train")
+SHARED = ("model", "peft", "quant", "optimizer", "mesh", "checkpoint", "train")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,6 +38,8 @@ class FineTuneRun:
     model: the `TransformerConfig` of the model it starts from (read from it when the run is
       set up; only `train.sft_config.MODEL_MAY_CHANGE` fields may be set).
     peft: the parameter-efficient method (`train.peft_config`; "none" trains every weight).
+    quant: quantization-aware training (`train.config.QuantConfig`, `train.qat`); it trains
+      every weight, so it is refused beside a `peft` method (QLoRA: `peft.base_quant`).
     optimizer, mesh, checkpoint, train: as pretraining's (`train.config`).
   """
 
@@ -47,6 +49,7 @@ class FineTuneRun:
 
   model: TransformerConfig | None = None
   peft: PEFTConfig = dataclasses.field(default_factory=PEFTConfig)
+  quant: config_lib.QuantConfig = dataclasses.field(default_factory=config_lib.QuantConfig)
   optimizer: config_lib.OptimizerConfig = dataclasses.field(
       default_factory=config_lib.OptimizerConfig)
   mesh: config_lib.MeshConfig = dataclasses.field(default_factory=config_lib.MeshConfig)
@@ -63,6 +66,12 @@ class FineTuneRun:
     if self.model is not None and (self.model.num_encoder_layers
                                    or not self.model.num_decoder_layers):
       raise ValueError(f"{self.MODEL_KIND}; {start!r} is not one")
+    if self.quant.enabled and self.peft.method != "none":
+      raise ValueError(
+          f"quant.qat={self.quant.qat!r} with peft.method={self.peft.method!r}: QAT trains "
+          "every weight of the model as it will be served, a PEFT method trains an adapter "
+          "on a frozen base; use one: quant.qat with peft.method=none, or peft.method=lora "
+          "with peft.base_quant=nf4 for a quantized frozen base (QLoRA)")
 
   def check_seq_len(self, seq_len: int, what: str = "data.seq_len") -> None:
     """A row of `seq_len` tokens must fit the model's `max_len`."""

@@ -10,6 +10,10 @@ clip a weight, so nothing is masked.
     with lmjax.quant.qat.training("int4", group_size=32):
       loss, grads = jax.value_and_grad(loss_fn)(params, batch)   # model.apply inside
     qparams = lmjax.quant.quantize(model, params, "int4", group_size=32)   # serve the same
+
+`fake_quant_params(model, params, ...)` does the same on a params tree instead of inside the
+modules: the tree a training job's loss reads (`train.qat`), so that only the trained model's
+weights are fake-quantized and a reference or teacher model beside it stays float.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import jax
 
 from lmjax.quant.apply import interceptor
 from lmjax.quant.qarray import dequantize, quantize_array
-from lmjax.quant.quantize import DEFAULT_GROUP, MODEL_FORMATS
+from lmjax.quant.quantize import DEFAULT_GROUP, MODEL_FORMATS, dequantize_params, quantize
 
 Array = jax.Array
 
@@ -68,3 +72,28 @@ def training(fmt: str, group_size: int | None = -1, *, embeddings: bool | str = 
 
   with nn.intercept_methods(interceptor(read, quantized_only=False)):
     yield
+
+
+def fake_quant_params(model: nn.Module, params, fmt: str, group_size: int | None = -1, *,
+                      embeddings: bool | str = True, head: bool | str = True):
+  """`params` with every weight that `quantize(model, params, fmt, ...)` quantizes replaced by
+  its dequantized value in the forward, and the identity in the backward (straight-through).
+
+  Exact: the forward values are `dequantize_params(quantize(...))` bit for bit (the gradient
+  path is added as `w - stop_gradient(w)`, an exact zero); other leaves pass unchanged.
+
+  Args:
+    model: the model `params` belong to (`lmjax.CausalLM`, ...).
+    params: its raw float params tree (traced inside `jax.jit`/`jax.grad`, or concrete).
+    fmt, group_size, embeddings, head: as `lmjax.quant.quantize` takes them.
+
+  Returns:
+    A tree like `params`.
+
+  Raises:
+    ValueError: as `quantize` (an unknown format, a group size not dividing a weight).
+  """
+  frozen = jax.lax.stop_gradient(params)
+  served = dequantize_params(quantize(model, frozen, fmt, group_size, embeddings=embeddings,
+                                      head=head))
+  return jax.tree.map(lambda w, w0, q: q.astype(w.dtype) + (w - w0), params, frozen, served)

@@ -126,9 +126,11 @@ def test_rows_accept_differently_and_stop_inside_a_draft(models):
     out = infer.generate(model, params, PROMPTS, draft=draft, num_draft_tokens=k, **kw)
     assert out.tokens == base.tokens and out.text == base.text
     assert out.stop_reason == base.stop_reason
-    if draft == "ngram":  # rows keep different numbers of drafts
-      assert len(set(out.accepted)) > 1
   assert base.stop_reason[0] == "eos" and base.stop_reason[1] == "stop"
+  # Without the stops the rows keep different numbers of n-gram drafts (2- and 3-gram matches).
+  free = infer.generate(model, params, PROMPTS, max_new_tokens=20, ignore_eos=True,
+                        draft="ngram", num_draft_tokens=5)
+  assert free.tokens == ref.tokens and len(set(free.accepted)) > 1
   # k larger than the budget left: 2 new tokens, rounds of 4 (the greedy test's loop).
   short = infer.generate(model, params, PROMPTS, max_new_tokens=2, draft=models["target"],
                          num_draft_tokens=3)
@@ -160,6 +162,15 @@ def test_stream_with_a_drafter_gives_generates_text(models):
     assert not any(stop in s.text[0] for s in steps)
     assert result.tokens == plain.tokens and result.stop_reason == plain.stop_reason
     assert result.accepted == ref.accepted and result.rounds == ref.rounds
+
+
+def test_once_runs_its_function_only_when_asked():
+  """`_once`, the rounds' `lax.cond` replacement (a while loop of 0 or 1 trips: a cond copied
+  every layer's KV cache each round): fn's result when pred holds, the state as it was else."""
+  f = jax.jit(lambda p, x: speculative._once(p, lambda s: {"a": s["a"] * 2 + 1}, {"a": x}))
+  x = jnp.arange(3.0)
+  np.testing.assert_array_equal(f(jnp.asarray(True), x)["a"], x * 2 + 1)
+  np.testing.assert_array_equal(f(jnp.asarray(False), x)["a"], x)
 
 
 # --------------------------------------------------------------------- the rule itself

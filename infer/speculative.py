@@ -174,18 +174,21 @@ class SpecDecoder:
 
   def _draft_model(self, dparams, state, consts, keys):
     """k drafts `[R, k]` and their logits `[R, k, V]` from the draft model; its cache."""
-    flags, rows, k = dict(self.plan.flags), self.plan.rows, self.splan.k
+    flags, rows = dict(self.plan.flags), self.plan.rows
     dc, hist, hlen = state["dcache"], state["hist"], state["hlen"]
     lag = hlen - 1 - dc.lengths  # 1 after a round that kept every draft: d_k not yet fed
     two = lag == 1
     at = lambda i: jnp.take_along_axis(hist, jnp.maximum(i, 0)[:, None], 1)[:, 0]  # noqa: E731
     last, prev = at(hlen - 1), at(hlen - 2)
-    step = lambda i: decode.in_loop(dparams, rows, state["t"] * (k + 1) + i)  # noqa: E731
+
+    def step(tokens, dc, **kw):  # one token per row; the weights read inside the loop
+      p, tokens = decode.in_loop(dparams, rows, tokens[:, None])
+      return self.draft._apply(p, tokens, cache=dc, **kw)
     # One-token steps only (a two-token step of the rows that lag cost ~2.5 one-token steps):
     # first d_k alone where a row lags (segment 0 elsewhere: nothing written), then the last.
-    dc = _once(jnp.any(two), lambda dc: self.draft._apply(
-        step(k), prev[:, None], segment_ids=two[:, None].astype(jnp.int32), cache=dc)[1], dc)
-    logits, dc = self.draft._apply(step(k - 1), last[:, None], cache=dc)
+    dc = _once(jnp.any(two), lambda dc: step(
+        prev, dc, segment_ids=two[:, None].astype(jnp.int32))[1], dc)
+    logits, dc = step(last, dc)
     ql = logits[:, 0]
 
     def draw(ql, key):
@@ -193,14 +196,12 @@ class SpecDecoder:
                                     consts["top_p"], **flags)
     d = draw(ql, keys[:, 0])
 
-    def body(carry, xs):
+    def body(carry, key):
       dc, d = carry
-      key, i = xs
-      logits, dc = self.draft._apply(step(i), d[:, None], cache=dc)
+      logits, dc = step(d, dc)
       d2 = draw(logits[:, 0], key)
       return (dc, d2), (d2, logits[:, 0])
-    steps = jnp.arange(keys.shape[1] - 1, dtype=jnp.int32)
-    (dc, _), (ds, qls) = jax.lax.scan(body, (dc, d), (jnp.swapaxes(keys[:, 1:], 0, 1), steps))
+    (dc, _), (ds, qls) = jax.lax.scan(body, (dc, d), jnp.swapaxes(keys[:, 1:], 0, 1))
     drafts = jnp.concatenate([d[:, None], jnp.swapaxes(ds, 0, 1)], axis=1)
     qlogits = jnp.concatenate([ql[:, None], jnp.swapaxes(qls, 0, 1)], axis=1)
     return drafts, qlogits, dc
@@ -212,8 +213,6 @@ class SpecDecoder:
     k = self.splan.k
     keys = self._keys(consts, state["t"], k + 2)
     hist, hlen = state["hist"], state["hlen"]
-    if reads_narrow(wide, self._check_rows):  # the check widens inside the loop (`in_loop`)
-      wide = wide.replace(tree=packed_lib.loop_variant(wide.tree, state["t"]))
     if self.draft is not None:
       drafts, qlogits, dc = self._draft_model(dparams, state, consts, keys[:, :k])
       s = self._verify(wide, state, consts, keys, drafts, qlogits)
@@ -229,8 +228,8 @@ class SpecDecoder:
     """A plain decoding step (one token per row) inside the speculative loop."""
     p = self.plan
     last = jnp.take_along_axis(state["hist"], (state["hlen"] - 1)[:, None], 1)
-    logits, cache = self.target._apply(decode.in_loop(params, p.rows, state["t"]), last,
-                                       cache=state["cache"])
+    params, last = decode.in_loop(params, p.rows, last)
+    logits, cache = self.target._apply(params, last, cache=state["cache"])
     tok = sampling.sample_logits(logits[:, 0], key, consts["temperature"], consts["top_k"],
                                  consts["top_p"], **dict(p.flags))
     old, alive = state["cache"].lengths, ~state["done"]
@@ -247,8 +246,11 @@ class SpecDecoder:
     hist, hlen, alive = state["hist"], state["hlen"], ~state["done"]
     last = jnp.take_along_axis(hist, (hlen - 1)[:, None], 1)[:, 0]
     old = state["cache"].lengths
-    logits, cache = self.target._apply(params, jnp.concatenate([last[:, None], drafts], 1),
-                                       cache=state["cache"])
+    toks = jnp.concatenate([last[:, None], drafts], 1)
+    if reads_narrow(params, self._check_rows):  # the check widens inside the loop (`in_loop`)
+      tree, toks = packed_lib.loop_variant(params.tree, toks)
+      params = params.replace(tree=tree)
+    logits, cache = self.target._apply(params, toks, cache=state["cache"])
     if flags["greedy"]:
       best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
       n = jnp.sum(jnp.cumprod((best[:, :k] == drafts).astype(jnp.int32), axis=1), axis=1)

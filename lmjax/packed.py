@@ -34,6 +34,7 @@ model's own params.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -73,12 +74,16 @@ class PackedParams:
     packed: `(path, inputs, leading, shape)` of each packed kernel: its path in `tree`, how
       many of the model's kernel dims are inputs, how many leading dims are stacked layers
       (scan), and the model's kernel shape (leading dims included).
+    activations: None (weight-only: float32 activations), or "int8" (fmt "int8" only):
+      products of at least `lmjax.quant.packed_int.INT8_ACT_MIN_ROWS` rows quantize their
+      input rows to int8 and multiply in int32 (`lmjax.quant.packed_int.matmul_int8_act`).
   """
 
   tree: Any
   fmt: str = flax.struct.field(pytree_node=False, default="bfloat16")
   packed: tuple[tuple[tuple[str, ...], int, int, tuple[int, ...]], ...] = flax.struct.field(
       pytree_node=False, default=())
+  activations: str | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def widen(w: Array) -> Array:
@@ -137,7 +142,8 @@ def kernels_of(model: nn.Module, params: Any) -> tuple[dict, dict]:
   return flatten_dict(params), kernels
 
 
-def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
+def pack(model: nn.Module, params: Any, fmt: str = "bfloat16",
+         activations: str | None = None) -> PackedParams:
   """Packs `params` of `model` for inference (bfloat16: the weights rounded once).
 
   Args:
@@ -146,6 +152,9 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
     fmt: the storage format: "bfloat16" (weights rounded once, 2 bytes each), "float32"
       (exact), "int8" (`lmjax.quant.packed_int`), "int4" or "nf4" (`lmjax.quant.packed_int4`:
       two codes per byte, a scale per 32 (nf4: 64) inputs, the embedding int8).
+    activations: None (weight-only), or "int8" with fmt "int8": prefill-sized products
+      (`lmjax.quant.packed_int.INT8_ACT_MIN_ROWS` rows or more) quantize their inputs per
+      row and multiply int8 x int8 in int32; fewer rows (decoding) stay weight-only.
 
   Returns:
     `PackedParams`: every projection matrix transposed to `[outputs..., inputs...]` and
@@ -153,10 +162,12 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
     everything else (norm scales, biases, position tables) as it was.
 
   Raises:
-    ValueError: an unknown format, params already packed, or params of another model.
+    ValueError: an unknown format or activations (or int8 activations with another format
+      than "int8"), params already packed, or params of another model.
   """
   if fmt not in FORMATS + INT_FORMATS:
     raise ValueError(f"unknown packed format {fmt!r}; formats are {FORMATS + INT_FORMATS}")
+  _check_activations(fmt, activations)
   if isinstance(params, PackedParams):
     raise ValueError("params are already packed")
   if fmt in NIBBLE_FORMATS:
@@ -164,7 +175,7 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
     return packed_int4.pack(model, params, fmt)
   if fmt in INT_FORMATS:
     from lmjax.quant import packed_int
-    return packed_int.pack(model, params, fmt)
+    return packed_int.pack(model, params, fmt).replace(activations=activations)
   flat, kernels = kernels_of(model, params)
   out, packed = dict(flat), []
   dtype = jnp.dtype(fmt)
@@ -182,6 +193,12 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16") -> PackedParams:
     if path[-2:] == ("embed", "embedding"):
       out[path] = jnp.asarray(np.asarray(flat[path]).astype(dtype))
   return PackedParams(unflatten_dict(out), fmt, tuple(packed))
+
+
+def _check_activations(fmt: str, activations: str | None) -> None:
+  if activations is not None and (activations != "int8" or fmt != "int8"):
+    raise ValueError(f"activations={activations!r} with format {fmt!r}: int8 activations "
+                     "need format 'int8' (activations='int8'); other formats take None")
 
 
 def unpack(packed: PackedParams) -> Any:
@@ -214,9 +231,14 @@ def unpack(packed: PackedParams) -> Any:
 MAX_STREAMED_ROWS = 1
 
 
-def _matmul_t(x: Array, w: Array, scale: Array | None = None) -> Array:
-  """`x [M, K] @ widen(w [N, K]).T` in float32 (integer codes: times `scale` `[N, G]`)."""
+def _matmul_t(x: Array, w: Array, scale: Array | None = None, acts: str | None = None) -> Array:
+  """`x [M, K] @ widen(w [N, K]).T` in float32 (integer codes: times `scale` `[N, G]`; `acts`:
+  `PackedParams.activations`)."""
   x = x.astype(jnp.float32)
+  if acts == "int8" and w.dtype == jnp.int8:  # opt-in W8A8 for many rows
+    from lmjax.quant import packed_int
+    if x.shape[0] >= packed_int.INT8_ACT_MIN_ROWS:
+      return packed_int.matmul_int8_act(x, w, scale)
   if w.dtype == jnp.uint8:  # int4 / nf4: two codes per byte
     from lmjax.quant import packed_int4
     return packed_int4.matmul_t(x, w, scale, x.shape[0] <= MAX_STREAMED_ROWS, _flat_copy)
@@ -250,13 +272,13 @@ def _flat_copy(x: Array) -> Array:
   return jnp.sum(jnp.stack([x, jnp.zeros_like(x)], axis=-1), axis=-1)
 
 
-def _einsum(m: Einsum, x: Array) -> Array:
+def _einsum(m: Einsum, x: Array, acts: str | None) -> Array:
   w = m.get_variable("params", "kernel")  # [outputs, inputs]
   k = project_split(m.eqn)
   free = m.shape[k:]
   lead = x.shape[:x.ndim - k]
   # (inputs from x: int4 codes hold two per byte, so w has half as many columns)
-  y = _matmul_t(x.reshape(-1, math.prod(x.shape[len(lead):])), w, _scale(m, "kernel"))
+  y = _matmul_t(x.reshape(-1, math.prod(x.shape[len(lead):])), w, _scale(m, "kernel"), acts)
   y = y.reshape(lead + free).astype(dtype_of(m.dtype))
   if m.bias_axes is not None:
     b = m.get_variable("params", "bias").astype(y.dtype)
@@ -269,7 +291,7 @@ def _scale(m: nn.Module, name: str) -> Array | None:
   return m.get_variable("params", name + "_scale")
 
 
-def _embedding(m: TokenEmbedding, method: str, x: Array) -> Array:
+def _embedding(m: TokenEmbedding, method: str, x: Array, acts: str | None) -> Array:
   e = m.get_variable("params", "embedding")  # [V, D] in the packed format
   s = _scale(m, "embedding")  # [V, 1] int8 codes' scales, or None
   cfg = m.config
@@ -281,24 +303,24 @@ def _embedding(m: TokenEmbedding, method: str, x: Array) -> Array:
       h = h * jnp.sqrt(jnp.asarray(cfg.model_dim, h.dtype))
     return h
   lead = x.shape[:-1]
-  return _matmul_t(x.reshape(-1, x.shape[-1]), e, s).reshape(lead + (e.shape[0],))
+  return _matmul_t(x.reshape(-1, x.shape[-1]), e, s, acts).reshape(lead + (e.shape[0],))
 
 
-def _head(m: nn.Module, x: Array) -> Array:
+def _head(m: nn.Module, x: Array, acts: str | None) -> Array:
   w = m.get_variable("params", "kernel")  # [V, D] in the packed format
-  logits = _matmul_t(x.reshape(-1, x.shape[-1]), w, _scale(m, "kernel"))
+  logits = _matmul_t(x.reshape(-1, x.shape[-1]), w, _scale(m, "kernel"), acts)
   logits = logits.reshape(x.shape[:-1] + (w.shape[0],))
   return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
-def _interceptor(next_fun, args, kwargs, context):
+def _interceptor(next_fun, args, kwargs, context, acts: str | None = None):
   m, role = context.module, module_role(context.module, context.method_name)
   if role == "einsum":
-    return _einsum(m, args[0])
+    return _einsum(m, args[0], acts)
   if role == "embedding":
-    return _embedding(m, context.method_name, args[0])
+    return _embedding(m, context.method_name, args[0], acts)
   if role == "head":
-    return _head(m, args[0])
+    return _head(m, args[0], acts)
   return next_fun(*args, **kwargs)
 
 
@@ -308,7 +330,8 @@ def reading(packed: PackedParams) -> Iterator[None]:
   if packed.fmt not in FORMATS + INT_FORMATS:
     raise ValueError(f"unknown packed format {packed.fmt!r}; formats are "
                      f"{FORMATS + INT_FORMATS}")
-  with nn.intercept_methods(_interceptor):
+  _check_activations(packed.fmt, packed.activations)
+  with nn.intercept_methods(functools.partial(_interceptor, acts=packed.activations)):
     yield
 
 
@@ -318,12 +341,15 @@ def apply(model: nn.Module, packed: PackedParams, *args, **kwargs):
     return model.apply({"params": packed.tree}, *args, **kwargs)
 
 
-def loop_variant(tree: Any, counter: Array) -> Any:
-  """`tree`, made to look loop-dependent to XLA (an optimization barrier with `counter`).
+def loop_variant(tree: Any, x: Array) -> tuple[Any, Array]:
+  """`(tree, x)` through one optimization barrier: `tree` made to look loop-dependent to XLA.
 
-  Inside a decode `while_loop` XLA would otherwise hoist the widening (bfloat16) or the
-  transposed layout copy of every packed weight out of the loop: float32 copies of all weights
-  in memory, read by library products instead of the per-output loops.
+  Inside a decode `while_loop` XLA would otherwise hoist the widening (bfloat16), the int8 /
+  int4 dequantization or the transposed layout copy of every packed weight out of the loop:
+  float copies of all weights in memory, read by library products instead of the per-output
+  loops. `x` must be an array the loop's step goes on to read (its input token ids), and the
+  caller must use the returned `x`: XLA drops a barrier's unused operands, and a barrier left
+  with the loop-invariant weights alone is hoisted out of the loop with what follows it (a
+  drafter's int8 steps inside the speculative loop read float32 copies: 4x the bytes).
   """
-  tree, _ = jax.lax.optimization_barrier((tree, counter))
-  return tree
+  return jax.lax.optimization_barrier((tree, x))

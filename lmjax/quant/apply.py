@@ -133,9 +133,10 @@ def apply(model: nn.Module, qparams: QuantParams, *args, **kwargs):
     return model.apply({"params": qparams.tree}, *args, **kwargs)
 
 
-def loop_variant(qparams: QuantParams, counter: Array) -> QuantParams:
-  """`qparams` made loop-dependent (an optimization barrier with `counter`), so that XLA does
-  not hoist the dequantization of every weight out of a decode loop (float copies of all
-  weights, read at float width each step)."""
-  tree, _ = jax.lax.optimization_barrier((qparams.tree, counter))
-  return qparams.replace(tree=tree)
+def loop_variant(qparams: QuantParams, x: Array) -> tuple[QuantParams, Array]:
+  """`(qparams, x)` through one optimization barrier, so that XLA does not hoist the
+  dequantization of every weight out of a decode loop (float copies of all weights, read at
+  float width each step). `x`: an array the step goes on to read (its token ids); use the
+  returned one (`lmjax.packed.loop_variant` says why)."""
+  tree, x = jax.lax.optimization_barrier((qparams.tree, x))
+  return qparams.replace(tree=tree), x

@@ -23,6 +23,26 @@ float summation order.
 
     packed = lmjax.packed.pack(model, params, "int8")   # or pack(model, qparams, "int8")
     out = infer.generate(model, packed, prompts, ...)
+
+int8 activations (opt-in, `pack(model, params, "int8", activations="int8")`): W8A8 with
+dynamic per-token activation scales, as in LLM.int8() (Dettmers et al., 2022) and SmoothQuant
+(Xiao et al., 2023) but with neither's outlier handling (no mixed-precision outlier columns, no
+smoothing of activations into the weights). Products of at least `INT8_ACT_MIN_ROWS` rows (a
+prompt's prefill) quantize each input row to int8 codes with its own scale (absmax / 127,
+rounded half to even), multiply them with the weight codes into int32 (XLA's integer dot)
+and scale the result by the row's and the output's (group's) scales:
+
+    y[m, n] = sx[m] * sum_G scale[n, G] * sum_g xq[m, G, g] * code[n, G, g]
+
+Fewer rows keep the weight-only paths above (a single row: XLA's integer product has no
+streamed loop and ran 55-65x slower, `benchmarks/quant_int8_activations.py`), so batch-1
+decoding and `lmjax.packed_rows`' few-row products are unchanged. The threshold counts the rows
+of one product (batch x tokens, the prompt padded to its bucket in `infer.generate`; a batch
+of 17 or more sequences decodes with int8 activations too). Cost:
+SmolLM2-135M perplexity 1.065x float32's against 1.033x for int8 weights alone, and greedy
+output that leaves float32's sooner (the benchmark above): without outlier handling, a token
+whose activations hold one large value rounds its other inputs coarsely. Prefill 1.4-2.5x
+faster than weight-only int8 (512 / 128 tokens), 1.15-1.4x faster than float32.
 """
 
 from __future__ import annotations
@@ -41,6 +61,13 @@ from lmjax.quant.qarray import QArray
 from lmjax.quant.quantize import quantize
 
 Array = jax.Array
+ACTIVATIONS = ("int8",)  # `pack(..., activations=)`: None (weight-only) or one of these
+# Products with at least this many rows take the int8 x int8 product when the packed params
+# ask for int8 activations: past `lmjax.packed_rows.MAX_ROWS`, so the few-row reader
+# (speculative checks, small batches) reads the weights as without the option. SmolLM2-135M
+# prefill, int8 x int8 forced on against weight-only (benchmarks/quant_int8_activations.py):
+# 1.6-2.4x at 8 rows, 1.5x at 16 (15-20 ms), 3.6-7x at 32 (the weight-only matmul dequantizes).
+INT8_ACT_MIN_ROWS = 17
 
 
 def _check(path: tuple[str, ...], q: QArray) -> None:
@@ -139,3 +166,29 @@ def matmul_t(x: Array, w: Array, scale: Array, streamed: bool,
   y = jnp.einsum("MGg,NGg->MNG", x.reshape(-1, groups, g),
                  w.reshape(n, groups, g).astype(jnp.float32))
   return jnp.sum(y * scale[None], axis=-1)
+
+
+def quantize_rows(x: Array) -> tuple[Array, Array]:
+  """Per-row symmetric int8 codes of `x [M, K]` float32: `(codes [M, K] int8, scale [M, 1])`,
+  `scale = absmax / 127` (1 for an all-zero row), codes `round(x / scale)` half to even."""
+  sx = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
+  sx = jnp.where(sx > 0, sx, 1.0)
+  return jnp.clip(jnp.round(x / sx), -127, 127).astype(jnp.int8), sx
+
+
+def matmul_int8_act(x: Array, w: Array, scale: Array) -> Array:
+  """`x [M, K]` with its rows quantized to int8 (`quantize_rows`) times int8 codes `w [N, K]`,
+  summed in int32, times both scales (`scale [N, G]`): `[M, N]` float32.
+
+  One scale per output (`G = 1`): one integer dot; `G > 1`: one int32 sum per group, each
+  times its group's scale (the row's scale spans all `K` inputs).
+  """
+  (m, k), (n, groups) = x.shape, scale.shape
+  xq, sx = quantize_rows(x)
+  if groups == 1:
+    acc = jax.lax.dot_general(xq, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    return acc.astype(jnp.float32) * sx * scale.T
+  g = k // groups
+  acc = jax.lax.dot_general(xq.reshape(m, groups, g), w.reshape(n, groups, g),
+                            (((2,), (2,)), ((1,), (1,))), preferred_element_type=jnp.int32)
+  return jnp.einsum("GMN,NG->MN", acc.astype(jnp.float32), scale) * sx

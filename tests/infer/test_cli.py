@@ -139,3 +139,29 @@ def test_smollm2_chat_is_greedy_by_default_and_answers_paris(capsys):
   captured = capsys.readouterr()
   assert "Paris" in captured.out
   assert "sampler: greedy" in captured.err
+
+
+def test_a_model_drafts_for_itself_in_int8_with_the_plain_output(tmp_path, capsys, monkeypatch):
+  """`--draft MODEL --draft-quant int8`: the model's own weights packed in int8 draft for it
+  (speculative decoding, `infer.speculative`); the printed text is the plain greedy text, the
+  acceptance is reported, and --draft-quant without a drafter model is refused."""
+  from tests.lmjax import pretrained_fixtures as fx
+  from tests.lmjax.helpers import random_params
+  cfg = fx.tiny_config(max_len=256)
+  model = lmjax.CausalLM(cfg)
+  params = random_params(model, (jnp.ones((1, 4), jnp.int32),), 0)
+  folder = str(lmjax.save_pretrained(cfg, params, fx.byte_level_tokenizer(), tmp_path / "tiny"))
+  run = ["--model", folder, "--prompt", "the cat", "--max-new-tokens", "12", "--no-stream"]
+  assert cli.main(run) == 0
+  plain = capsys.readouterr().out
+  packs, pack = [], lmjax.packed.pack
+  monkeypatch.setattr(lmjax.packed, "pack", lambda m, p, fmt="bfloat16", **kw: (
+      packs.append(fmt), pack(m, p, fmt, **kw))[1])
+  assert cli.main([*run, "--draft", folder, "--draft-quant", "int8"]) == 0
+  out = capsys.readouterr()
+  assert out.out == plain and "acceptance" in out.err
+  assert packs == ["float32", "int8"]  # the target in the CPU layout, the drafter int8
+  with pytest.raises(SystemExit) as e:
+    cli.main([*MODEL, "--draft", "ngram", "--draft-quant", "int8"])
+  assert e.value.code == 2 and "--draft-quant int8 quantizes a drafter model" in (
+      capsys.readouterr().err)

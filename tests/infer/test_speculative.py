@@ -1,5 +1,7 @@
 """Speculative decoding: greedy equals plain greedy; sampled output has the target's law."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,6 +86,38 @@ def test_packed_params_give_the_plain_packed_output(models, fmt):
   result = infer.drain(infer.stream(model, packed, [PROMPTS[0]], max_new_tokens=16,
                                     draft="ngram", num_draft_tokens=3), lambda _: None)
   assert result.tokens == infer.generate(model, packed, [PROMPTS[0]], max_new_tokens=16).tokens
+
+
+def _hoisted_weights(hlo: str) -> list[str]:
+  """Lines of a compiled module's ENTRY computation (outside every loop) that widen an int8 or
+  bfloat16 parameter to a float32 array of the same shape for the loop (their op names say
+  `while/body`: hoisted out of it): a weight copy made before the loop, read by every step."""
+  entry = hlo[hlo.index("\nENTRY "):]
+  entry = entry[:entry.index("\n}")]
+  narrow = dict(re.findall(r"%(\S+) = (?:s8|bf16)(\[[\d,]+\])\S* parameter", entry))
+  return [line for line in entry.splitlines()
+          if (m := re.search(r"= f32(\[[\d,]+\])\S* (?:fusion|convert)\(([^)]*)\)", line))
+          and any(narrow.get(a.strip().lstrip("%")) == m.group(1) for a in m.group(2).split(","))
+          and "/while/body/" in line]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "bfloat16"])
+def test_a_packed_drafter_reads_its_own_weights_inside_the_loop(models, fmt):
+  """A drafter packed in int8 (or bfloat16) is read as such by its steps inside the compiled
+  speculative loop: no float32 copy of its weights is made before the loop (XLA hoisted one
+  when the loop-variance barrier held the weights alone: a self-drafter's steps read 4x the
+  bytes). The tokens are still the plain greedy tokens of the target."""
+  model, params = models["target"]
+  packed = lmjax.packed.pack(model, params, "float32")
+  draft = (models["small"][0], lmjax.packed.pack(*models["small"], fmt))
+  ref = infer.generate(model, packed, [PROMPTS[0]], max_new_tokens=12)
+  out = infer.generate(model, packed, [PROMPTS[0]], max_new_tokens=12, draft=draft,
+                       num_draft_tokens=3)
+  assert out.tokens == ref.tokens
+  req = infer.requests.prepare(model, [PROMPTS[0]], max_new_tokens=12)
+  r = speculative.setup(model, packed, speculative.check(model, req, None, draft=draft, k=3), 3)
+  hlo = r.decoder.run.lower(r.params, r.draft_params, r.inputs, r.req.consts).compile().as_text()
+  assert "while" in hlo and not _hoisted_weights(hlo), _hoisted_weights(hlo)[:3]
 
 
 def test_reads_narrow_only_bfloat16_packed_few_rows(models):

@@ -131,7 +131,11 @@ def _load_quantized(args, clock, one_row: bool = False):
       raise ValueError("--quant keep needs a GGUF --model")
     config, params, tokenizer = lmjax.checkpoint.load_run(args.workdir)
   elif args.quant == "keep":
-    return lmjax.load_pretrained(args.model, dtype=args.dtype or "float32", quant="keep")
+    config, params, tokenizer = lmjax.load_pretrained(args.model, dtype=args.dtype or "float32",
+                                                      quant="keep")
+    if packed_format(args.packed, False, one_row) is not None:
+      params = _pack_kept(lmjax.model_for(config), params)
+    return config, params, tokenizer
   else:
     config, params, tokenizer = lmjax.load_pretrained(args.model, dtype=args.dtype or "float32")
   if args.dtype is not None:
@@ -145,6 +149,17 @@ def _load_quantized(args, clock, one_row: bool = False):
     # batch 1 on a CPU: codes output-major (lmjax.quant.packed_int, packed_int4), the fast layout
     return config, lmjax.packed.pack(model, params, args.quant, activations=acts), tokenizer
   return config, lmjax.quant.quantize(model, params, args.quant), tokenizer
+
+
+def _pack_kept(model, qparams):
+  """A GGUF's kept Q4_0 / Q4_1 blocks packed as they are (packed int4: their codes, scales and
+  minimums), for one sequence on a CPU; other files (Q8_0 blocks: packed int8 holds one scale
+  per output row; a float matrix among the blocks) keep the quantized reader (slower)."""
+  try:
+    return lmjax.packed.pack(model, qparams, "int4")
+  except ValueError as e:
+    print(f"--quant keep: decoding through the quantized reader (slower): {e}", file=sys.stderr)
+    return qparams
 
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",

@@ -78,6 +78,15 @@ def _check(path: tuple[str, ...], q: QArray) -> None:
                      f"{q.scale2 is not None}")
 
 
+def refuse_float_kernel(path: tuple[str, ...], fmt: str) -> None:
+  """Raises for a projection kernel left in float among quantized ones (a GGUF's F32 matrix
+  kept as it is): the packed readers take codes for every projection."""
+  if path[-1] == "kernel":
+    raise ValueError(f"{'/'.join(path)} is a float matrix among quantized ones: packed {fmt} "
+                     "needs every projection quantized (lmjax.quant.quantize the float params, "
+                     "or decode these params through the quantized reader)")
+
+
 def pack(model, params: Any, fmt: str = "int8") -> packed_lib.PackedParams:
   """int8 `PackedParams` of `model` (`lmjax.packed.pack(model, params, "int8")` calls this).
 
@@ -104,6 +113,7 @@ def pack(model, params: Any, fmt: str = "int8") -> packed_lib.PackedParams:
   out, packed = {}, []
   for path, q in flat.items():
     if not isinstance(q, QArray):
+      refuse_float_kernel(path, fmt)
       out[path] = q
       continue
     _check(path, q)

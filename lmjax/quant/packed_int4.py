@@ -61,6 +61,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lmjax import packed as packed_lib
 from lmjax import packed_rows
+from lmjax.quant import packed_int
 from lmjax.quant.apply import QuantParams
 from lmjax.quant.qarray import (
     NF4_TABLE,
@@ -180,6 +181,7 @@ def pack(model, params: Any, fmt: str = "int4", group_size: int | None = None,
       out[path], out[scale_path] = e.qvalue, e.scale.astype(jnp.float32)
       continue
     if not isinstance(q, QArray):
+      packed_int.refuse_float_kernel(path, fmt)
       out[path] = q
       continue
     _check(path, q, fmt)

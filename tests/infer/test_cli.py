@@ -165,3 +165,33 @@ def test_a_model_drafts_for_itself_in_int8_with_the_plain_output(tmp_path, capsy
     cli.main([*MODEL, "--draft", "ngram", "--draft-quant", "int8"])
   assert e.value.code == 2 and "--draft-quant int8 quantizes a drafter model" in (
       capsys.readouterr().err)
+
+
+def test_quant_keep_packs_the_gguf_blocks_as_they_are(tmp_path):
+  """`--quant keep` for one sequence on a CPU packs a GGUF's kept Q4_1 blocks (`_pack_kept`):
+  the greedy tokens of the quantized reader on the same blocks, log-probs within 0.02 (the Q8_0
+  embedding is requantized per row for packed int4's int8 embedding); a float matrix among the
+  blocks, or Q8_0 blocks, are refused by `pack` (a clear error) and the reader is kept."""
+  pytest.importorskip("gguf")
+  from infer import generate
+  from tests.lmjax import pretrained_fixtures as fx
+  cfg = fx.tiny_config(head_dim=32, num_heads=2, num_kv_heads=1, tie_embeddings=False)
+  w = fx.hf_weights(cfg)
+  types = {k: "Q4_1" for k, v in w.items() if v.ndim == 2}
+  types["model.embed_tokens.weight"] = "Q8_0"
+
+  def kept(name, **change):
+    path = fx.write_gguf(tmp_path / name, cfg, w, types={**types, **change})
+    return lmjax.load_pretrained(path, quant="keep")[1]
+  model, params = lmjax.model_for(cfg), kept("a.gguf")
+  packed = cli._pack_kept(model, params)
+  assert isinstance(packed, lmjax.packed.PackedParams) and packed.fmt == "int4"
+  ids = [[1, 5, 9, 12, 7]]
+  ref, out = (generate(model, p, ids, max_new_tokens=8) for p in (params, packed))
+  assert out.tokens == ref.tokens
+  np.testing.assert_allclose(out.log_probs[0], ref.log_probs[0], atol=2e-2)
+  mixed = kept("b.gguf", **{"model.layers.1.mlp.up_proj.weight": "F32"})
+  with pytest.raises(ValueError, match="wi_up/kernel is a float matrix among quantized ones"):
+    lmjax.packed.pack(model, mixed, "int4")
+  eight = kept("c.gguf", **{k: "Q8_0" for k in types})
+  assert cli._pack_kept(model, mixed) is mixed and cli._pack_kept(model, eight) is eight

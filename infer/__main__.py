@@ -289,10 +289,13 @@ def main(argv: Sequence[str] | None = None, *, caches: bool = False) -> int:
       except (OSError, ValueError) as e:
         _fail(f"cannot load the draft model {draft!r}: {e}")
       dmodel = lmjax.model_for(dcfg)
-      if args.draft_quant:  # packed: the fast layout of one sequence on a CPU (as --quant)
-        packed = packed_format(args.packed, False, one_row) is not None
-        quant = lmjax.packed.pack if packed else lmjax.quant.quantize
-        dparams = quant(dmodel, dparams, args.draft_quant)
+      if args.draft_quant and packed_format(args.packed, False, one_row) is not None:
+        # packed, the fast layout of one sequence on a CPU; int8 with int8 activations: the
+        # drafter's prompt prefill ~2.5x faster (drafts change the acceptance, never the output)
+        acts = "int8" if args.draft_quant == "int8" else None
+        dparams = lmjax.packed.pack(dmodel, dparams, args.draft_quant, activations=acts)
+      elif args.draft_quant:
+        dparams = lmjax.quant.quantize(dmodel, dparams, args.draft_quant)
       draft = (dmodel, dparams, dtok)
     kw.update(draft=draft, num_draft_tokens=args.num_draft_tokens)
   if args.prefix_cache_mb is not None or args.interactive:

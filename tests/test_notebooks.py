@@ -6,6 +6,10 @@ temporary folder: a cell of CI values (`CI_PARAMETERS`) is inserted right after 
 notebooks are also checked for their shape: a markdown title first, an install cell that pip
 installs lmjax from the repository only when it is not importable, a `parameters` cell, no
 `sys.path` edits, and no saved outputs.
+
+The quickstart, which checks no reply of the model, runs on SmolLM2-135M-Instruct cut to its first
+two layers (`tests.lmjax.pretrained_fixtures.smollm2_cut`: its own tokenizer and chat template):
+compiling the full model's 30 unrolled layers is not what it checks.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.lmjax.pretrained_fixtures import smollm2_cut
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -54,6 +60,15 @@ CI_PARAMETERS = {
     "fast_decoding": "\n".join([f"TINY = {TINY}", "NEW_TOKENS = 16", "REQUESTS = 2",
                                 "SYSTEM_REPEATS = 4"]),
 }
+
+
+# Notebooks whose MODEL is the cut SmolLM2 in CI.
+CUT_SMOLLM2 = {"quickstart"}
+
+
+@pytest.fixture(scope="module")
+def cut_smollm2(tmp_path_factory):
+  return smollm2_cut(tmp_path_factory.mktemp("smollm2") / "cut")
 
 
 def _cells(nb, kind):
@@ -120,13 +135,16 @@ def _cell_seconds(nb) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, tmp_path):
+def test_notebook_runs(path, tmp_path, request):
   from jupyter_client.kernelspec import KernelSpecManager
   from jupyter_client.manager import KernelManager
 
   nb = nbformat.read(path, as_version=4)
   i = _parameters_index(nb)
-  ci = nbformat.v4.new_code_cell(CI_PARAMETERS[path.stem])
+  values = CI_PARAMETERS[path.stem]
+  if path.stem in CUT_SMOLLM2:
+    values += f"\nMODEL = {str(request.getfixturevalue('cut_smollm2'))!r}"
+  ci = nbformat.v4.new_code_cell(values)
   ci.metadata["tags"] = ["injected-parameters"]
   nb.cells.insert(i + 1, ci)
   # The kernel is ipykernel's native "python3": this very Python (sys.executable), whatever

@@ -6,6 +6,13 @@ lines in-process through the jobs' `main(argv)`: training commands get tiny-run 
 overrides appended (later keys win), generation commands a small `--max-new-tokens`; a
 `gs://my-bucket` path becomes a local folder. `pip install` lines are what CI itself runs, and
 `gcloud` lines need a TPU pod slice: both are only listed.
+
+`smollm2-135m-instruct` stands for SmolLM2-135M-Instruct cut to its first `SMOLLM2_LAYERS` of 30
+decoder layers (its own tokenizer, chat template and embeddings; a Hugging Face folder made by
+`tests.lmjax.pretrained_fixtures.smollm2_cut`): every block runs the same code, and
+compiling the 30 unrolled layers, a minute and a half here, is not what this test checks. The
+full model's GGUF load, generation and chat are checked by tests/lmjax/test_pretrained_*.py and
+tests/infer/test_cli.py.
 """
 
 import importlib
@@ -16,6 +23,8 @@ import shutil
 
 import pytest
 
+from lmjax.convert import pretrained as pretrained_lib
+from tests.lmjax.pretrained_fixtures import smollm2_cut
 from tests.train.trainer_util import REPO, data_dirs, tiny_sets  # noqa: F401
 
 README = REPO / "README.md"
@@ -23,6 +32,23 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 SFT_TINY = ["train.steps=2", "data.batch_size=2", "data.seq_len=64", "train.eval_batches=2",
             "report.replies=1", "report.max_new_tokens=4", "train.progress_bar=false",
             "checkpoint.async_save=false", "mesh.data=1"]
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_LAYERS = 2
+
+
+class _Folder:
+  """A registered name's source (`pretrained.PretrainedSource`) that is a local folder."""
+
+  def __init__(self, folder):
+    self.folder = folder
+
+  def path(self):
+    return self.folder
+
+
+@pytest.fixture(scope="module")
+def small_smollm2(tmp_path_factory):
+  return smollm2_cut(tmp_path_factory.mktemp("smollm2") / "small", SMOLLM2_LAYERS)
 
 
 def blocks(lang: str | None = None) -> list[tuple[int, str, str]]:
@@ -78,8 +104,10 @@ def run_command(line: str, scratch, data_dirs) -> str:  # noqa: F811
 
 
 @pytest.mark.slow
-def test_every_block_runs_in_order(data_dirs, tmp_path, monkeypatch):  # noqa: F811
+def test_every_block_runs_in_order(data_dirs, small_smollm2, tmp_path, monkeypatch):  # noqa: F811
   monkeypatch.chdir(tmp_path)
+  monkeypatch.setitem(pretrained_lib.PRETRAINED, SMOLLM2, _Folder(small_smollm2))
+  assert pretrained_lib.pretrained_config(SMOLLM2).num_decoder_layers == SMOLLM2_LAYERS
   namespace = {"__name__": "readme"}
   seen = []
   for line, lang, code in blocks():

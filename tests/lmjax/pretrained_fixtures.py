@@ -162,3 +162,15 @@ def byte_level_tokenizer(vocab_size: int = 96) -> lmjax.HFTokenizer:
   assert tk.get_vocab_size() <= vocab_size
   return lmjax.HFTokenizer(tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
                            unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+
+
+def smollm2_cut(folder: Path, layers: int = 2) -> Path:
+  """SmolLM2-135M-Instruct (the real GGUF, through `lmjax.load_pretrained`) cut to its first
+  `layers` of 30 decoder layers, with its embeddings, final norm, tokenizer and chat template,
+  saved as a Hugging Face folder: what runs the full model's code paths and compiles in a
+  fraction of the time (tests that check no output of the model)."""
+  cfg, params, tokenizer = lmjax.load_pretrained("smollm2-135m-instruct")
+  decoder = {k: v for k, v in params["decoder"].items()
+             if not k.startswith("layers_") or int(k.split("_")[1]) < layers}
+  return lmjax.save_pretrained(cfg.replace(num_decoder_layers=layers),
+                               {**params, "decoder": decoder}, tokenizer, folder)

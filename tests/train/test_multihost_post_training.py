@@ -1,7 +1,8 @@
 """Post-training with LoRA (`train.sft` and `train.dpo` with `--set peft.method=lora`: the
 adapter trains, the frozen base goes to every step) as two processes under `jax.distributed`
 (gloo on CPU, 2 devices each), each reading its own half of the rows, trains like one process
-with 4 devices fed the same global batches; only process 0 writes."""
+with 4 devices fed the same global batches; only process 0 writes. One two-process launch runs
+both jobs, one after the other (launching is much of the cost)."""
 
 import json
 
@@ -10,9 +11,9 @@ import pytest
 
 from lmjax.convert import safetensors_io
 from tests.train import preference_fixtures as pf
+from tests.train.multihost_util import TwoHosts, two_processes
 from tests.train.test_dpo import ROWS
 from tests.train.test_sft import base, data  # noqa: F401
-from tests.train.test_trainer_multihost import TwoHosts, two_processes
 from tests.train.trainer_util import data_dirs, train_losses  # noqa: F401
 from train import chat_data, dpo, sft
 from train import job as job_lib
@@ -30,13 +31,18 @@ SFT_SETS = [*TINY, "data.seq_len=32", "data.num_packing_bins=4", "data.heldout_f
 DPO_SETS = [*TINY, "data.seq_len=64", "data.heldout_fraction=0.2", "optimizer.warmup_steps=0"]
 MULTI = ["mesh.data=-1", "mesh.distributed=true"]  # Per host 4 rows, 8 in all.
 
-# `python -m train.JOB ARGS` that also says which process writes a run file.
+# `python -m train.JOB ARGS` for each `[JOB, ARGS]` of the JSON list argv[1], in order, in one
+# process (`jax.distributed` initialized by the first), saying which process writes a run file.
 SPY = """
 import importlib
+import json
 import sys
 import jax
 from lmjax.peft import runs
 from train import job
+
+initialize = job.initialize_distributed
+job.initialize_distributed = lambda setting: jax.distributed.is_initialized() or initialize(setting)
 
 def spy(name, write):
   def wrapped(*args, **kwargs):
@@ -46,7 +52,10 @@ def spy(name, write):
 
 job.write_json = spy("json", job.write_json)
 runs.save_run_adapter = spy("adapter", runs.save_run_adapter)
-sys.exit(importlib.import_module(sys.argv[1]).main(sys.argv[2:]))
+for module, argv in json.loads(sys.argv[1]):
+  print(f"=== job {module}", flush=True)
+  if importlib.import_module(module).main(argv) != 0:
+    sys.exit(1)
 """
 
 
@@ -93,13 +102,19 @@ def _adapter(workdir) -> dict[str, np.ndarray]:
   return {k: np.asarray(v.load(), np.float64) for k, v in files.items()}
 
 
-def _check_two_match_one(job, hosts, base, source, sets, tmp_path):  # noqa: F811
-  """Runs `job` (`--config demo` from `base` on `source` with `sets`) as two processes and as
-  one fed `hosts`' global batches; compares the losses and the adapters."""
+def _multi_argv(job, base, source, sets, tmp_path) -> list:  # noqa: F811
+  """`[module, argv]` running `job` (`--config demo` from `base` on `source` with `sets`) on two
+  processes in `tmp_path / "multi"`."""
+  return [f"train.{job.name}", ["--workdir", str(tmp_path / "multi"), "--set",
+                                f"base={base}", f"data.source={source}", *sets,
+                                "data.batch_size=4", *MULTI]]
+
+
+def _check_two_match_one(job, hosts, base, source, sets, tmp_path, outs):  # noqa: F811
+  """Checks the two-process run of `job` (`_multi_argv`; `outs`: what each process printed)
+  against one process fed `hosts`' global batches: the losses and the adapters."""
   source = [f"base={base}", f"data.source={source}"]
   multi = tmp_path / "multi"
-  outs = two_processes(["-c", SPY, f"train.{job.name}", "--workdir", str(multi), "--set",
-                        *source, *sets, "data.batch_size=4", *MULTI])
   assert "4 cpu devices, 2 process(es)" in outs[0]
   assert "process 0 writes adapter" in outs[0] and "process 0 writes json" in outs[0]
   assert "writes" not in outs[1] and "run config" not in outs[1]  # Process 0 alone.
@@ -123,10 +138,21 @@ def _check_two_match_one(job, hosts, base, source, sets, tmp_path):  # noqa: F81
   assert max(np.abs(v).max() for k, v in b.items() if "lora_B" in k) > 0  # B moved from 0.
 
 
-def test_lora_sft_on_two_processes_matches_one_process(base, data, tmp_path):  # noqa: F811
-  _check_two_match_one(sft.JOB, SFTHosts, base, f"jsonl:{data}", SFT_SETS, tmp_path)
+def _per_job(out: str) -> dict[str, str]:
+  """A process's output split by the `=== job MODULE` lines SPY prints before each job."""
+  parts = out.split("=== job ")[1:]
+  return {p.split("\n", 1)[0]: p for p in parts}
 
 
-def test_lora_dpo_on_two_processes_matches_one_process(pairs, data_dirs, tmp_path):  # noqa: F811
+def test_lora_sft_and_dpo_on_two_processes_match_one_process(base, data, pairs, data_dirs,  # noqa: F811
+                                                             tmp_path):
   folder, path = pairs
-  _check_two_match_one(dpo.JOB, DPOHosts, folder, f"jsonl:{path}", DPO_SETS, tmp_path)
+  cases = [(sft.JOB, SFTHosts, base, f"jsonl:{data}", SFT_SETS),
+           (dpo.JOB, DPOHosts, folder, f"jsonl:{path}", DPO_SETS)]
+  runs = [_multi_argv(job, b, src, sets, tmp_path / job.name) for job, _, b, src, sets in cases]
+  outs = [_per_job(o) for o in two_processes(["-c", SPY, json.dumps(runs)])]
+  for job, hosts, b, src, sets in cases:
+    module = f"train.{job.name}"
+    assert all(module in o for o in outs), f"{module} did not run on both processes"
+    _check_two_match_one(job, hosts, b, src, sets, tmp_path / job.name,
+                         [o[module] for o in outs])

@@ -7,7 +7,9 @@ One two-process launch (compiling is the cost) does both:
   gives on both hosts the tokens of the unsharded model and of one process with 4 devices;
 - training: `train.pretrain` with `mesh.fsdp=2 mesh.tensor=2` (fsdp across the hosts), each
   host reading its own rows, gives the losses and params of one process with 4 devices fed the
-  same global batches.
+  same global batches;
+- data-parallel training: `train.pretrain` with `mesh.data=-1` (the data axis across the hosts)
+  trains like one process with 4 devices fed the same global batches, and only process 0 prints.
 """
 
 import json
@@ -18,12 +20,13 @@ import numpy as np
 import infer
 import lmjax
 from tests.lmjax import helpers
-from tests.train.test_trainer_multihost import TwoHosts, two_processes
+from tests.train.multihost_util import TwoHosts, two_processes
 from tests.train.trainer_util import data_dirs, tiny_config, tiny_sets, train_losses  # noqa: F401
 from train import data as data_lib
 from train import pretrain
 
 STEPS = 2
+DATA_STEPS = 3  # the data-parallel run
 DECODE_MESHES = ((1, 2, 2), (1, 1, 4))  # (data, fsdp, tensor): fsdp, then tensor across hosts
 TRAIN_MESH = ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2"]
 PROMPTS = [[5, 7, 9], [11, 3, 4, 8, 20, 1], [2], [4, 4]]  # ragged
@@ -43,7 +46,7 @@ job_lib.initialize_distributed(True)
 import lmjax
 from tests.train import test_multihost_sharded as t
 
-out, sets, rank = sys.argv[1], sys.argv[3:], jax.process_index()
+out, data_sets, sets, rank = sys.argv[1], json.loads(sys.argv[2]), sys.argv[4:], jax.process_index()
 facts = {"hosts_per_mesh": {}, "tokens": {}}
 model, params, x = t.decode_model()
 for sizes in t.DECODE_MESHES:
@@ -60,6 +63,8 @@ if rank == 0:
   np.savez(f"{out}/params.npz", **t.flat(params))
 with open(f"{out}/facts_{rank}.json", "w") as f:
   json.dump(facts, f)
+
+pretrain.run(config_lib.apply_overrides(config_lib.preset("demo"), data_sets), f"{out}/data_run")
 """
 
 
@@ -109,8 +114,11 @@ def test_sharded_model_across_two_processes(data_dirs, tmp_path):  # noqa: F811
   tokenizer = data_lib.build_tokenizer(host_config.data)
   sets = tiny_sets(data_dirs, steps=STEPS, extra=["data.batch_size=4", *extra, *TRAIN_MESH,
                                                   "mesh.distributed=true"])
-  outs = two_processes(["-c", SCRIPT, str(tmp_path), "--set", *sets])
+  data_sets = tiny_sets(data_dirs, steps=DATA_STEPS, extra=["data.batch_size=4", "mesh.data=-1",
+                                                            "mesh.distributed=true"])
+  outs = two_processes(["-c", SCRIPT, str(tmp_path), json.dumps(data_sets), "--set", *sets])
   assert "4 cpu devices, 2 process(es)" in outs[0]
+  assert "run config" in outs[0] and "run config" not in outs[1]  # Process 0 prints.
   facts = [json.loads((tmp_path / f"facts_{i}.json").read_text()) for i in range(2)]
 
   # Decoding: each mesh puts the named axis across the hosts; both hosts get the tokens of the
@@ -141,3 +149,15 @@ def test_sharded_model_across_two_processes(data_dirs, tmp_path):  # noqa: F811
   assert sorted(a.files) == sorted(b)
   for k in b:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+  # Data-parallel training: losses equal one process with 4 devices fed host 0's 4 rows then
+  # host 1's 4 rows at every step.
+  data_host = tiny_config(data_dirs, steps=DATA_STEPS, extra=["data.batch_size=4"])
+  single = tmp_path / "data_single"
+  config = tiny_config(data_dirs, steps=DATA_STEPS, extra=["data.batch_size=8", "mesh.data=4"])
+  pretrain.run(config, single, train_batches=TwoHosts(data_host, tokenizer))
+  got, want = train_losses(tmp_path / "data_run"), train_losses(single)
+  assert sorted(got) == list(range(1, DATA_STEPS + 1))
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                             rtol=1e-5)
+  assert len(set(got.values())) == DATA_STEPS  # The losses move: the steps really trained.

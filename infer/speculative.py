@@ -299,7 +299,7 @@ def reads_narrow(params, rows: int) -> bool:
   """Whether a check of `rows` (target rows x (k + 1)) tokens reads bfloat16 `lmjax.packed`
   weights as they are: `lmjax.packed_rows` (1 < rows <= its `max_rows()`) widens each weight
   row inside the product that reads it, so the loop keeps no float32 copy (the params are made
-  loop-dependent in `_round`, as `infer.decode.in_loop` does for one-token steps, or XLA
+  loop-dependent in `_verify`, as `infer.decode.in_loop` does for one-token steps, or XLA
   would hoist the widening out of the loop). SmolLM2-135M, k = 8 (9 rows): a check read 29.7
   ms from bfloat16 against 53-97 ms from the widened float32 copy (a shared 2-core CPU)."""
   return (isinstance(params, packed_lib.PackedParams) and params.fmt == "bfloat16"

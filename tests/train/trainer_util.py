@@ -7,9 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from train import config as config_lib
 
@@ -34,22 +32,17 @@ _JAX_CACHE = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_tim
 def data_dirs(tmp_path_factory):
   """(tfds data dir, tokenizer cache dir), shared by the session: prepared on first use.
 
-  Also a compilation cache for the session (fresh, in tmp): these tests compile the same tiny
-  steps many times, in this process and in subprocesses (the env vars).
+  Also a compilation cache for the session's subprocess jobs (fresh, in tmp; the env vars):
+  they compile the same tiny steps many times. Not in this process: JAX's cache write
+  segfaulted a test worker twice (in `put_executable_and_time`), taking its tests with it.
   """
   root = tmp_path_factory.mktemp("trainer_data")
   values = (str(root / "jax_cache"), 0, 0)
   saved_env = {k: os.environ.get(k) for k in ("LMJAX_PEAK_CACHE", *map(str.upper, _JAX_CACHE))}
-  saved = {k: getattr(jax.config, k) for k in _JAX_CACHE}
   os.environ["LMJAX_PEAK_CACHE"] = str(root / "peak_flops.json")
   for k, v in zip(_JAX_CACHE, values):
     os.environ[k.upper()] = str(v)
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()
   yield root / "tfds", root / "tokenizers"
-  for k, v in saved.items():
-    jax.config.update(k, v)
-  compilation_cache.reset_cache()
   for k, v in saved_env.items():
     if v is None:
       os.environ.pop(k, None)

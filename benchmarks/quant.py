@@ -7,7 +7,8 @@ byte output-major, a scale and an offset per 32 inputs, `pack(model, params, "in
 `packed-int4-64`: groups of 64, `packed-int4-sym`: symmetric, no offset; the embedding int8
 per row), packed NF4 (the same layout with QLoRA's NormalFloat4 codes, an absmax per 64
 inputs, `pack(model, params, "nf4")`), the GGUF's own Q4_1 blocks kept as they are
-(`load_pretrained(..., quant="keep")`) and those blocks packed (`packed-q4_1-kept`).
+(`load_pretrained(..., quant="keep")`) and those blocks packed (`packed-q4_1-kept`); a packed
+int4 name ending in `-a8` (`packed-int4-a8`) with int8 activations (`lmjax.quant.cpu_int4`).
 
 * Quality: perplexity on held-out text (the first 4 x 256 tokens of the embedded Shakespeare
   corpus, one forward each), and greedy agreement with float32 over 128 new tokens (the
@@ -26,6 +27,7 @@ recorded.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import os
 import sys
@@ -50,6 +52,11 @@ CORPUS = Path(__file__).resolve().parents[1] / "train" / "corpora" / "shakespear
 
 
 def load(fmt: str):
+  if fmt.endswith("-a8"):  # packed int4 with int8 activations (lmjax.quant.cpu_int4)
+    cfg, params, tok = load(fmt.removesuffix("-a8"))
+    if getattr(params, "fmt", None) != "int4":
+      raise ValueError(f"{fmt}: -a8 (int8 activations) is for packed int4 formats")
+    return cfg, params.replace(activations="int8"), tok
   if fmt in ("q4_1-kept", "packed-q4_1-kept"):
     cfg, params, tok = lmjax.load_pretrained("smollm2-135m-instruct", quant="keep")
     if fmt.startswith("packed-"):  # the GGUF's Q4_1 codes, scales and minimums, packed
@@ -85,6 +92,28 @@ def perplexity(model, params, ids) -> float:
     t = jnp.asarray(ids[r * PPL_LEN:(r + 1) * PPL_LEN])[None]
     lp = jax.nn.log_softmax(f(params, t)[0, :-1].astype(jnp.float32), -1)
     nll.append(-np.asarray(jnp.take_along_axis(lp, t[0, 1:, None], -1))[:, 0])
+  return float(np.exp(np.mean(np.concatenate(nll))))
+
+
+def chunked_perplexity(model, params, ids, chunk: int = 16) -> float:
+  """`perplexity` with each row fed `chunk` tokens at a time through the KV cache: products of
+  `chunk` rows, so the few-row decode paths (`lmjax.quant.cpu_int4`) compute every logit."""
+  apply = (functools.partial(lmjax.packed.apply, model)
+           if isinstance(params, lmjax.packed.PackedParams)
+           else lambda p, *a, **k: model.apply({"params": p}, *a, **k))
+  first = jax.jit(lambda p, t, c: apply(p, t, cache=c, prefill=True))
+  step = jax.jit(lambda p, t, c: apply(p, t, cache=c))
+  nll = []
+  for r in range(PPL_ROWS):
+    row = np.asarray(ids[r * PPL_LEN:(r + 1) * PPL_LEN])
+    cache = lmjax.init_cache(model.config, 1, PPL_LEN)
+    logits = []
+    for i in range(0, PPL_LEN, chunk):
+      out, cache = (first if i == 0 else step)(params, jnp.asarray(row[i:i + chunk])[None],
+                                               cache)
+      logits.append(out[0])
+    lp = jax.nn.log_softmax(jnp.concatenate(logits)[:-1].astype(jnp.float32), -1)
+    nll.append(-np.asarray(jnp.take_along_axis(lp, jnp.asarray(row[1:, None]), -1))[:, 0])
   return float(np.exp(np.mean(np.concatenate(nll))))
 
 

@@ -115,9 +115,9 @@ def drafter(a, fmt: str, model, raw, tok):
   """`(model, params, tokenizer)` of `--drafter`: "self:int8" (or int4 / nf4 / bfloat16) is the
   target's own weights packed in that format (`lmjax.packed`); a folder is a small model, packed
   in the target's format `fmt` (raw: as loaded)."""
-  if a.drafter.startswith("self:"):  # int8: its prompt prefill with int8 activations (as the CLI)
+  if a.drafter.startswith("self:"):  # int8 / int4 with int8 activations (as the CLI)
     fmt = a.drafter.split(":", 1)[1]
-    acts = "int8" if fmt == "int8" else None
+    acts = "int8" if fmt in ("int8", "int4") else None
     return model, lmjax.packed.pack(model, raw, fmt, activations=acts), tok
   dmodel, dparams, dtok = load_drafter(a.drafter)
   return dmodel, dparams if fmt == "raw" else lmjax.packed.pack(dmodel, dparams, fmt), dtok

@@ -7,6 +7,9 @@ batch-1 decode is what is timed). lmjax runs float32 (the GGUF dequantized: the 
 reference), packed float32 / bfloat16 / int8 / int4 / nf4 (`lmjax.packed.pack`), the Q4_1
 blocks kept as they are (`load_pretrained(..., quant="keep")`) and those blocks packed
 (`packed-q4_1-kept`: the same codes, scales and minimums; the Q8_0 embedding int8 per row).
+`packed-int4-a8` / `packed-q4_1-kept-a8`: the same weights with int8 activations
+(`pack(..., activations="int8")`: decoding's products through `lmjax.quant.cpu_int4`'s kernel,
+inputs rounded to int8 per group of 32), beside the weight-only formats in the same run.
 
 * Quality: perplexity on the held-out token ids of benchmarks/quant.py (4 rows of 256 tokens from
   the second half of the embedded Shakespeare corpus, lmjax's tokenizer), llama.cpp fed the same
@@ -14,6 +17,8 @@ blocks kept as they are (`load_pretrained(..., quant="keep")`) and those blocks 
   llama.cpp's logits from lmjax's kept-Q4_1 logits on the same positions (both dequantize the same
   blocks, but llama.cpp also rounds activations to 8 bits for its quantized dot products, so they
   are close, not equal; a float32 KV cache there does not shrink the difference).
+* `--decode-perplexity`: the same perplexity with 16 tokens fed at a time through the cache
+  (products of 16 rows: with int8 activations, the kernel's), packed formats.
 * Speed: batch 1, a 128-token prompt, 128 greedy tokens; decode tokens/s `127 / (t(128) - t(1))`
   (prefill cancels), best of `--repeats`, every engine interleaved in each repeat. llama.cpp:
   `eval` of the prompt, then argmax of the last logits and `eval` of that token, 127 times; at 1
@@ -118,6 +123,9 @@ def main():
                   "packed-int4,packed-nf4,q4_1-kept,packed-q4_1-kept")
   ap.add_argument("--threads", default="1,2", help="llama.cpp thread counts to time")
   ap.add_argument("--name", default="llama_cpp")
+  ap.add_argument("--decode-perplexity", action="store_true",
+                  help="also the perplexity of packed formats fed 16 tokens at a time (the "
+                  "few-row decode products, lmjax.quant.cpu_int4's where it applies)")
   args = ap.parse_args()
   formats = args.formats.split(",")
   load0 = os.getloadavg()
@@ -138,6 +146,8 @@ def main():
     run(1)
     rows.append({"engine": "lmjax " + fmt, "MB": lmjax_nbytes(params) / 1e6,
                  "perplexity": quant.perplexity(model, params, held)})
+    if args.decode_perplexity and fmt.startswith("packed-"):
+      rows[-1]["decode_perplexity"] = quant.chunked_perplexity(model, params, held)
     if fmt == "q4_1-kept":
       f = quant.forward(model, params)
       kept_logits = np.asarray(f(params, np.asarray(held[:PPL_LEN])[None])[0], np.float32)
@@ -178,8 +188,8 @@ def main():
       row["agree_prefix"] = (same + [False]).index(False) / len(ref)
       row["agree_all"] = float(np.mean(same))
   load1 = os.getloadavg()
-  cols = ["engine", "MB", "perplexity", "agree_prefix", "agree_all", "decode_tok_s",
-          "vs_llama_cpp", "roofline_tok_s"]
+  cols = ["engine", "MB", "perplexity", "decode_perplexity", "agree_prefix", "agree_all",
+          "decode_tok_s", "vs_llama_cpp", "roofline_tok_s"]
   print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; load {load0} -> {load1}; "
         f"baseline {base_name}")
   print(common.table(rows, cols))

@@ -133,8 +133,9 @@ def _load_quantized(args, clock, one_row: bool = False):
   elif args.quant == "keep":
     config, params, tokenizer = lmjax.load_pretrained(args.model, dtype=args.dtype or "float32",
                                                       quant="keep")
-    if packed_format(args.packed, False, one_row) is not None:
-      params = _pack_kept(lmjax.model_for(config), params)
+    acts = "int8" if getattr(args, "int8_activations", False) else None
+    if acts or packed_format(args.packed, False, one_row) is not None:
+      params = _pack_kept(lmjax.model_for(config), params, acts)
     return config, params, tokenizer
   else:
     config, params, tokenizer = lmjax.load_pretrained(args.model, dtype=args.dtype or "float32")
@@ -151,12 +152,13 @@ def _load_quantized(args, clock, one_row: bool = False):
   return config, lmjax.quant.quantize(model, params, args.quant), tokenizer
 
 
-def _pack_kept(model, qparams):
+def _pack_kept(model, qparams, activations=None):
   """A GGUF's kept Q4_0 / Q4_1 blocks packed as they are (packed int4: their codes, scales and
-  minimums), for one sequence on a CPU; other files (Q8_0 blocks: packed int8 holds one scale
-  per output row; a float matrix among the blocks) keep the quantized reader (slower)."""
+  minimums; `activations` as `lmjax.packed.pack`'s), for one sequence on a CPU; other files
+  (Q8_0 blocks: packed int8 holds one scale per output row; a float matrix among the blocks)
+  keep the quantized reader (slower)."""
   try:
-    return lmjax.packed.pack(model, qparams, "int4")
+    return lmjax.packed.pack(model, qparams, "int4", activations=activations)
   except ValueError as e:
     print(f"--quant keep: decoding through the quantized reader (slower): {e}", file=sys.stderr)
     return qparams
@@ -290,9 +292,10 @@ def main(argv: Sequence[str] | None = None, *, caches: bool = False) -> int:
         _fail(f"cannot load the draft model {draft!r}: {e}")
       dmodel = lmjax.model_for(dcfg)
       if args.draft_quant and packed_format(args.packed, False, one_row) is not None:
-        # packed, the fast layout of one sequence on a CPU; int8 with int8 activations: the
-        # drafter's prompt prefill ~2.5x faster (drafts change the acceptance, never the output)
-        acts = "int8" if args.draft_quant == "int8" else None
+        # packed, the fast layout of one sequence on a CPU; int8 activations (drafts change the
+        # acceptance, never the output): int8's prompt prefill ~2.5x faster, int4's steps
+        # through lmjax.quant.cpu_int4
+        acts = "int8" if args.draft_quant in ("int8", "int4") else None
         dparams = lmjax.packed.pack(dmodel, dparams, args.draft_quant, activations=acts)
       elif args.draft_quant:
         dparams = lmjax.quant.quantize(dmodel, dparams, args.draft_quant)

@@ -100,11 +100,14 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
                       "with offsets, GGUF Q4_1 arithmetic); keep: a GGUF --model's own "
                       "Q8_0/Q4_0/Q4_1 blocks")
   p.add_argument("--int8-activations", action="store_true",
-                 help="with --quant int8: products of more than 16 rows (a prompt's prefill) "
-                      "also quantize their inputs to int8, per token, and multiply int8 x int8 "
-                      "in int32 (W8A8, lmjax.quant.packed_int; a faster prefill on a CPU, a "
-                      "little less accurate); decoding stays weight-only. Packs the int8 "
-                      "weights (not with --packed none)")
+                 help="round products' inputs to int8 where that is faster (a little less "
+                      "accurate). --quant int8: products of more than 16 rows (a prompt's "
+                      "prefill) quantize their inputs per token and multiply int8 x int8 in "
+                      "int32 (W8A8, lmjax.quant.packed_int); decoding stays weight-only. --quant "
+                      "int4 / keep (Q4_0/Q4_1): products of up to 16 rows (decoding) round their "
+                      "inputs per group of 32 and take integer dot products on an x86-64 CPU "
+                      "(W4A8 as llama.cpp, lmjax.quant.cpu_int4). Packed weights only (not "
+                      "with --packed none)")
   p.add_argument("--draft", help="speculative decoding (infer.speculative): 'ngram' (prompt "
                  "lookup) or a drafter model's name or path with the same tokenizer")
   p.add_argument("--draft-quant", choices=("int8", "int4", "nf4"),
@@ -136,10 +139,11 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     parser.error("--reward-model ranks the candidates of --best-of N: give --best-of")
   if args.best_of is not None and args.best_of < args.num_samples:
     parser.error(f"--best-of {args.best_of} must be >= --num-samples {args.num_samples}")
-  if getattr(args, "int8_activations", False) and (args.quant != "int8"
+  if getattr(args, "int8_activations", False) and (args.quant not in ("int8", "int4", "keep")
                                                   or args.packed == "none"):
-    parser.error(f"--int8-activations needs --quant int8 and packed weights (got --quant "
-                 f"{args.quant}, --packed {args.packed}): it multiplies packed int8 weights")
+    parser.error(f"--int8-activations needs --quant int8, int4 or keep and packed weights "
+                 f"(got --quant {args.quant}, --packed {args.packed}): it multiplies packed "
+                 f"int8 or int4 weights")
   if getattr(args, "draft_quant", None) and args.draft in (None, "ngram"):
     parser.error(f"--draft-quant {args.draft_quant} quantizes a drafter model: give --draft "
                  f"MODEL (got --draft {args.draft})")

@@ -74,9 +74,11 @@ class PackedParams:
     packed: `(path, inputs, leading, shape)` of each packed kernel: its path in `tree`, how
       many of the model's kernel dims are inputs, how many leading dims are stacked layers
       (scan), and the model's kernel shape (leading dims included).
-    activations: None (weight-only: float32 activations), or "int8" (fmt "int8" only):
-      products of at least `lmjax.quant.packed_int.INT8_ACT_MIN_ROWS` rows quantize their
-      input rows to int8 and multiply in int32 (`lmjax.quant.packed_int.matmul_int8_act`).
+    activations: None (weight-only: float32 activations), or "int8". fmt "int8": products of
+      at least `lmjax.quant.packed_int.INT8_ACT_MIN_ROWS` rows quantize their input rows to
+      int8 and multiply in int32 (`lmjax.quant.packed_int.matmul_int8_act`). fmt "int4":
+      products of up to `lmjax.quant.cpu_int4.MAX_ROWS` rows round their inputs to int8 per
+      group (`lmjax.quant.cpu_int4`).
   """
 
   tree: Any
@@ -152,9 +154,13 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16",
     fmt: the storage format: "bfloat16" (weights rounded once, 2 bytes each), "float32"
       (exact), "int8" (`lmjax.quant.packed_int`), "int4" or "nf4" (`lmjax.quant.packed_int4`:
       two codes per byte, a scale per 32 (nf4: 64) inputs, the embedding int8).
-    activations: None (weight-only), or "int8" with fmt "int8": prefill-sized products
-      (`lmjax.quant.packed_int.INT8_ACT_MIN_ROWS` rows or more) quantize their inputs per
-      row and multiply int8 x int8 in int32; fewer rows (decoding) stay weight-only.
+    activations: None (weight-only), or "int8": inputs rounded to int8 where that is faster.
+      fmt "int8": prefill-sized products (`lmjax.quant.packed_int.INT8_ACT_MIN_ROWS` rows or
+      more) quantize their inputs per row and multiply int8 x int8 in int32; fewer rows
+      (decoding) stay weight-only. fmt "int4": products of up to `lmjax.quant.cpu_int4.
+      MAX_ROWS` rows (decoding) round their inputs per group and take integer dot products
+      (`lmjax.quant.cpu_int4`, W4A8 as llama.cpp's Q4 x Q8); more rows (a prompt) and the
+      int8 embedding's head stay weight-only.
 
   Returns:
     `PackedParams`: every projection matrix transposed to `[outputs..., inputs...]` and
@@ -163,7 +169,7 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16",
 
   Raises:
     ValueError: an unknown format or activations (or int8 activations with another format
-      than "int8"), params already packed, or params of another model.
+      than "int8" or "int4"), params already packed, or params of another model.
   """
   if fmt not in FORMATS + INT_FORMATS:
     raise ValueError(f"unknown packed format {fmt!r}; formats are {FORMATS + INT_FORMATS}")
@@ -172,7 +178,7 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16",
     raise ValueError("params are already packed")
   if fmt in NIBBLE_FORMATS:
     from lmjax.quant import packed_int4  # lmjax.quant imports this module
-    return packed_int4.pack(model, params, fmt)
+    return packed_int4.pack(model, params, fmt).replace(activations=activations)
   if fmt in INT_FORMATS:
     from lmjax.quant import packed_int
     return packed_int.pack(model, params, fmt).replace(activations=activations)
@@ -195,10 +201,17 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16",
   return PackedParams(unflatten_dict(out), fmt, tuple(packed))
 
 
+# What int8 activations mean per format: int8 weights, int8 x int8 for prompts (the int8
+# embedding's head included); int4 weights, the 4-bit products of decoding rounded per group
+# (`lmjax.quant.cpu_int4`), prompts (and the int8 head) weight-only.
+_ACTS = {"int8": "w8a8", "int4": "w4a8"}
+
+
 def _check_activations(fmt: str, activations: str | None) -> None:
-  if activations is not None and (activations != "int8" or fmt != "int8"):
+  if activations is not None and (activations != "int8" or fmt not in _ACTS):
     raise ValueError(f"activations={activations!r} with format {fmt!r}: int8 activations "
-                     "need format 'int8' (activations='int8'); other formats take None")
+                     "need format 'int8' or 'int4' (activations='int8'); other formats take "
+                     "None")
 
 
 def unpack(packed: PackedParams) -> Any:
@@ -233,15 +246,15 @@ MAX_STREAMED_ROWS = 1
 
 def _matmul_t(x: Array, w: Array, scale: Array | None = None, acts: str | None = None) -> Array:
   """`x [M, K] @ widen(w [N, K]).T` in float32 (integer codes: times `scale` `[N, G]`; `acts`:
-  `PackedParams.activations`)."""
+  "w8a8" or "w4a8", `_ACTS` of `PackedParams.activations`, else None)."""
   x = x.astype(jnp.float32)
-  if acts == "int8" and w.dtype == jnp.int8:  # opt-in W8A8 for many rows
+  if acts == "w8a8" and w.dtype == jnp.int8:  # opt-in W8A8 for many rows
     from lmjax.quant import packed_int
     if x.shape[0] >= packed_int.INT8_ACT_MIN_ROWS:
       return packed_int.matmul_int8_act(x, w, scale)
   if w.dtype == jnp.uint8:  # int4 / nf4: two codes per byte
     from lmjax.quant import packed_int4
-    return packed_int4.matmul_t(x, w, scale, x.shape[0] <= MAX_STREAMED_ROWS, _flat_copy)
+    return packed_int4.matmul_t(x, w, scale, x.shape[0] <= MAX_STREAMED_ROWS, _flat_copy, acts)
   if (x.shape[0] > MAX_STREAMED_ROWS and packed_rows.applies(x.shape[0])
       and (scale is None or scale.shape[-1] == 1)):  # a few rows: each weight row read once
     return packed_rows.matmul_t(x, w, scale)
@@ -331,7 +344,8 @@ def reading(packed: PackedParams) -> Iterator[None]:
     raise ValueError(f"unknown packed format {packed.fmt!r}; formats are "
                      f"{FORMATS + INT_FORMATS}")
   _check_activations(packed.fmt, packed.activations)
-  with nn.intercept_methods(functools.partial(_interceptor, acts=packed.activations)):
+  acts = _ACTS[packed.fmt] if packed.activations else None
+  with nn.intercept_methods(functools.partial(_interceptor, acts=acts)):
     yield
 
 

@@ -38,8 +38,12 @@ product 0.05-0.1x, the two products summed directly 0.02x (XLA fuses the sum int
 product and writes its operand out; a reduction between them, `flat_copy`, keeps each
 operand fused). XLA's loop processes about as many weights per second at 4 bits as at 8
 (the unpacking is extra work per weight and the loop is not purely memory bound), so int4
-decodes slower than packed int8 here and faster than packed bfloat16
-(benchmarks/results/quant_packed_int4.json); its case is size (0.75 bytes per weight).
+decoded slower than packed int8 (benchmarks/results/quant_packed_int4.json). With int8
+activations (`pack(model, params, "int4", activations="int8")`) products of up to 16 rows
+round their inputs to int8 per group and, on an x86-64 CPU with groups of a multiple of 32
+inputs (GGUF Q4_0 / Q4_1 blocks, the default), go to a hand-written kernel
+(`lmjax.quant.cpu_int4`: integer dot products, as llama.cpp's Q4 x Q8): ~1.2x llama.cpp's
+decode speed on SmolLM2 here, against ~0.8x for the weight-only loop above.
 
     packed = lmjax.packed.pack(model, params, "int4")   # groups of 32 with offsets
     packed = lmjax.quant.packed_int4.pack(model, params, group_size=64, symmetric=True)
@@ -61,7 +65,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lmjax import packed as packed_lib
 from lmjax import packed_rows
-from lmjax.quant import packed_int
+from lmjax.quant import cpu_int4, packed_int
 from lmjax.quant.apply import QuantParams
 from lmjax.quant.qarray import (
     NF4_TABLE,
@@ -238,7 +242,7 @@ def unpack(packed: packed_lib.PackedParams) -> Any:
 
 
 def matmul_t(x: Array, b: Array, scale: Array, streamed: bool,
-             flat_copy: Callable[[Array], Array]) -> Array:
+             flat_copy: Callable[[Array], Array], acts: str | None = None) -> Array:
   """`x [M, K] @ dequantized(b [N, K/2], scale [N, G, 2]).T` in float32.
 
   `streamed` (batch-1 decoding): two matrix-vector products, one per nibble half, each with
@@ -246,8 +250,19 @@ def matmul_t(x: Array, b: Array, scale: Array, streamed: bool,
   (`lmjax.packed_rows.applies`): the same two products per row. SmolLM2-135M forward of
   2 / 5 / 9 tokens over a 256-token cache (a shared 2-core CPU): 14 / 30 / 41 ms, against
   160 ms with the dequantized matrix's matmul and 450-510 ms with `lmjax.packed_rows`'s fused
-  reduction over the unpacked halves (one row: 8 ms). More rows: that matmul.
+  reduction over the unpacked halves (one row: 8 ms). More rows: that matmul. With `acts`
+  "w4a8" (`PackedParams.activations` "int8"), products of up to `cpu_int4.MAX_ROWS` rows
+  round their inputs to int8 per group (`lmjax.quant.cpu_int4`: its kernel on an x86-64 CPU).
   """
+  if acts == "w4a8" and x.shape[0] <= cpu_int4.MAX_ROWS and scale.shape[-1] == 2:
+    return cpu_int4.matmul_t(x, b, scale, functools.partial(
+        _xla_matmul_t, streamed=streamed, flat_copy=flat_copy))
+  return _xla_matmul_t(x, b, scale, streamed, flat_copy)
+
+
+def _xla_matmul_t(x: Array, b: Array, scale: Array, streamed: bool,
+                  flat_copy: Callable[[Array], Array]) -> Array:
+  """`matmul_t` in XLA's own code (all formats, every platform)."""
   half = b.shape[-1]
   if not streamed and not packed_rows.applies(x.shape[0]):
     return jnp.dot(x, dequantized(b, scale).T)

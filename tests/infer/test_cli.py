@@ -170,7 +170,8 @@ def test_a_model_drafts_for_itself_in_int8_with_the_plain_output(tmp_path, capsy
 def test_quant_keep_packs_the_gguf_blocks_as_they_are(tmp_path):
   """`--quant keep` for one sequence on a CPU packs a GGUF's kept Q4_1 blocks (`_pack_kept`):
   the greedy tokens of the quantized reader on the same blocks, log-probs within 0.02 (the Q8_0
-  embedding is requantized per row for packed int4's int8 embedding); a float matrix among the
+  embedding is requantized per row for packed int4's int8 embedding), 0.1 with int8
+  activations (inputs rounded to int8 per group); a float matrix among the
   blocks, or Q8_0 blocks, are refused by `pack` (a clear error) and the reader is kept."""
   pytest.importorskip("gguf")
   from infer import generate
@@ -190,6 +191,12 @@ def test_quant_keep_packs_the_gguf_blocks_as_they_are(tmp_path):
   ref, out = (generate(model, p, ids, max_new_tokens=8) for p in (params, packed))
   assert out.tokens == ref.tokens
   np.testing.assert_allclose(out.log_probs[0], ref.log_probs[0], atol=2e-2)
+  # --int8-activations: inputs rounded to int8 per group (lmjax.quant.cpu_int4), W4A8.
+  a8 = cli._pack_kept(model, params, "int8")
+  assert a8.activations == "int8"
+  out = generate(model, a8, ids, max_new_tokens=8)
+  assert out.tokens == ref.tokens
+  np.testing.assert_allclose(out.log_probs[0], ref.log_probs[0], atol=1e-1)
   mixed = kept("b.gguf", **{"model.layers.1.mlp.up_proj.weight": "F32"})
   with pytest.raises(ValueError, match="wi_up/kernel is a float matrix among quantized ones"):
     lmjax.packed.pack(model, mixed, "int4")

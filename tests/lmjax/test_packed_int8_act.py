@@ -160,7 +160,7 @@ def test_decoding_is_weight_only():
   assert np.abs(first_logits(weight_only) - want).max() > 1e-3
 
 
-@pytest.mark.parametrize("fmt, activations", [("bfloat16", "int8"), ("int4", "int8"),
+@pytest.mark.parametrize("fmt, activations", [("bfloat16", "int8"), ("float32", "int8"),
                                               ("nf4", "int8"), ("int8", "int4"),
                                               ("int8", "float8")])
 def test_bad_activations_raise(fmt, activations):
@@ -173,14 +173,15 @@ def test_bad_activations_raise(fmt, activations):
       packed.apply(model, pk, tokens(0, 1, 4))
 
 
-@pytest.mark.parametrize("argv", [[], ["--quant", "int4"], ["--quant", "int8", "--packed",
-                                                            "none"]])
+@pytest.mark.parametrize("argv", [[], ["--quant", "nf4"], ["--quant", "int8", "--packed",
+                                                             "none"]])
 def test_cli_refuses_int8_activations_without_packed_int8(monkeypatch, capsys, argv):
   monkeypatch.setattr(lmjax, "load_pretrained", lambda *a, **k: pytest.fail("loaded"))
   with pytest.raises(SystemExit) as e:
     cli.main(["--model", "m", "--prompt", "a", "--int8-activations", *argv])
   assert e.value.code == 2
-  assert "--int8-activations needs --quant int8 and packed weights" in capsys.readouterr().err
+  assert "--int8-activations needs --quant int8, int4 or keep and packed weights" in (
+      capsys.readouterr().err)
 
 
 def test_cli_packs_int8_activations(monkeypatch):

@@ -112,9 +112,10 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
                  "lookup) or a drafter model's name or path with the same tokenizer")
   p.add_argument("--draft-quant", choices=("int8", "int4", "nf4"),
                  help="with --draft MODEL: quantize the drafter's weights (lmjax.quant; packed "
-                      "for one sequence on a CPU). The model itself in int8 drafts for its "
-                      "float32 self (--draft MODEL --draft-quant int8): the output stays the "
-                      "float32 model's")
+                      "for one sequence on a CPU, with int8 activations for int8 / int4: "
+                      "drafts change the acceptance, never the output). The model itself in "
+                      "int8 or int4 drafts for its float32 self (--draft MODEL --draft-quant "
+                      "int4): the output stays the float32 model's")
   p.add_argument("--num-draft-tokens", type=_int_at_least(1), default=4,
                  help="with --draft: tokens drafted per round (default: 4)")
   p.add_argument("--prefix-cache-mb", type=_int_at_least(1),

@@ -27,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -235,13 +236,17 @@ void Work(Job& j) {
   }
 }
 
-// Rounds `n` (a multiple of 32) floats to int8 with one scale, absmax / 127, half to even
-// (the CPU's default rounding); `*d` the scale, `*dsum` the scale times the codes' sum.
+// Rounds `n` (a multiple of 32) floats to int8 with one scale: x * (127 / absmax), half to
+// even (the CPU's default rounding); `*d` = absmax / 127, `*dsum` the scale times the codes'
+// sum (both NaN if an input is NaN, so NaN reaches the outputs as in a float product).
 void QuantizeGroup(const float* x, int64_t n, int8_t* q, float* d, float* dsum) {
   const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 amax = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8)
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  __m256 amax = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
   __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
   m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
   m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
@@ -264,6 +269,7 @@ void QuantizeGroup(const float* x, int64_t n, int8_t* q, float* d, float* dsum) 
   s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
   *d = a / 127.f;
   *dsum = *d * static_cast<float>(_mm_cvtsi128_si32(s4));
+  if (_mm256_movemask_ps(nan)) *d = *dsum = NAN;  // a NaN input: the group's outputs NaN
 }
 
 ffi::Error Int4MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> b,
@@ -272,7 +278,8 @@ ffi::Error Int4MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   if (xd.size() != 2 || bd.size() != 2 || sd.size() != 3 || sd[2] != 2)
     return ffi::Error::InvalidArgument("int4 matmul: x [M, K], b [N, K/2], scale [N, G, 2]");
   const int64_t m = xd[0], k = xd[1], n = bd[0], g = sd[1];
-  if (bd[1] * 2 != k || sd[0] != n || g <= 0 || k % g || (k / g) % 32 || (k / 2) % (k / g))
+  if (k <= 0 || bd[1] * 2 != k || sd[0] != n || g <= 0 || k % g || (k / g) % 32 ||
+      (k / 2) % (k / g))
     return ffi::Error::InvalidArgument("int4 matmul: shapes do not fit (groups of a multiple "
                                        "of 32 inputs within each half)");
   auto job = std::make_shared<Job>();
@@ -314,7 +321,13 @@ ffi::Error Int4MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     const int64_t helpers = std::min<int64_t>(threads, job->chunks) - 1;
     for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job] { Work(*job); });
     Work(*job);
-    while (job->done.load(std::memory_order_acquire) < job->chunks) _mm_pause();
+    for (int spin = 0; job->done.load(std::memory_order_acquire) < job->chunks; ++spin) {
+      if (spin < 4096) {
+        _mm_pause();
+      } else {
+        std::this_thread::yield();  // a pre-empted helper needs this core
+      }
+    }
   }
   return ffi::Error::Success();
 }

@@ -21,9 +21,9 @@ groups are a multiple of 32 inputs (a GGUF's Q4_0 / Q4_1 blocks; packing's defau
 The kernel is built only on an x86-64 Linux host with AVX2 and a C++20 compiler (`$CXX`,
 else `g++`), and `LMJAX_CPU_KERNELS=0` turns it off; elsewhere (other platforms, group sizes,
 no kernel) the same rounded inputs go through XLA's weight-only loop, so the numbers differ
-only by float summation order. The compiled library is kept in
-`lmjax.compilation_cache.cache_root() / "kernels"`, named by a hash of the source, the
-compiler and its flags, the jaxlib version and the CPU's flags.
+only by float summation order (NaN inputs give NaN outputs on both paths). The compiled
+library is kept in `lmjax.compilation_cache.cache_root() / "kernels"`, named by a hash of the
+source, the compiler and its flags, the jaxlib version and the CPU's flags.
 """
 
 from __future__ import annotations
@@ -109,23 +109,27 @@ def available() -> bool:
 
 
 def applies(x: Array, b: Array, scale: Array) -> bool:
-  """Whether the kernel computes `matmul_t(x, b, scale, ...)`: a few rows, int4 groups of a
-  multiple of 32 inputs lying within one nibble half, the kernel available."""
+  """Whether the kernel computes `matmul_t(x, b, scale, ...)`: a few rows, uint8 codes with
+  float32 scales and offsets in groups of a multiple of 32 inputs lying within one nibble half,
+  JAX's default backend the CPU, the kernel available (built here on first use)."""
   m, k = x.shape
+  if scale.ndim != 3 or b.ndim != 2 or not k or not scale.shape[1]:
+    return False
   n, g = scale.shape[0], scale.shape[1]
-  gs = k // g if g else 0
-  return (m <= MAX_ROWS and scale.ndim == 3 and scale.shape[-1] == 2 and b.shape == (n, k // 2)
-          and k % 2 == 0 and gs * g == k and gs % 32 == 0 and (k // 2) % gs == 0
-          and available())
+  gs = k // g
+  return (m <= MAX_ROWS and scale.shape[-1] == 2 and b.shape == (n, k // 2) and k % 2 == 0
+          and gs * g == k and gs % 32 == 0 and (k // 2) % gs == 0 and b.dtype == jnp.uint8
+          and scale.dtype == jnp.float32 and jax.default_backend() == "cpu" and available())
 
 
 def round_groups(x: Array, groups: int) -> Array:
-  """float32 `x [M, K]` rounded to int8 per group of `K / groups` inputs (absmax / 127, half
-  to even) and scaled back: the inputs the kernel multiplies."""
+  """float32 `x [M, K]` rounded to int8 per group of `K / groups` inputs (`x * (127 / absmax)`,
+  half to even) and scaled back by `absmax / 127`: the inputs the kernel multiplies."""
   m, k = x.shape
   xg = x.astype(jnp.float32).reshape(m, groups, k // groups)
-  sx = jnp.max(jnp.abs(xg), axis=-1, keepdims=True) / 127.0
-  return (jnp.round(xg / jnp.where(sx > 0, sx, 1.0)) * sx).reshape(m, k)
+  amax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)
+  codes = jnp.round(xg * jnp.where(amax > 0, 127.0 / amax, 0.0))  # the kernel's arithmetic
+  return (codes * (amax / 127.0)).reshape(m, k)
 
 
 def reference(x: Array, b: Array, scale: Array) -> Array:

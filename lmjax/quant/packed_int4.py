@@ -42,8 +42,8 @@ decoded slower than packed int8 (benchmarks/results/quant_packed_int4.json). Wit
 activations (`pack(model, params, "int4", activations="int8")`) products of up to 16 rows
 round their inputs to int8 per group and, on an x86-64 CPU with groups of a multiple of 32
 inputs (GGUF Q4_0 / Q4_1 blocks, the default), go to a hand-written kernel
-(`lmjax.quant.cpu_int4`: integer dot products, as llama.cpp's Q4 x Q8): ~1.2x llama.cpp's
-decode speed on SmolLM2 here, against ~0.8x for the weight-only loop above.
+(`lmjax.quant.cpu_int4`: integer dot products, as llama.cpp's Q4 x Q8): 1.2-1.35x llama.cpp's
+decode speed on SmolLM2 here, against ~0.9x for the weight-only loop above.
 
     packed = lmjax.packed.pack(model, params, "int4")   # groups of 32 with offsets
     packed = lmjax.quant.packed_int4.pack(model, params, group_size=64, symmetric=True)

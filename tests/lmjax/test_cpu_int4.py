@@ -24,13 +24,15 @@ pytestmark = pytest.mark.skipif(not cpu_int4.available(), reason="the CPU int4 k
 
 
 def _np_round_groups(x, group):
-  """float64 `x [M, K]` rounded to int8 per group of `group` inputs: (codes, scales `[M, G]`),
-  absmax / 127, half to even."""
-  x = np.asarray(x, np.float64)
-  g = x.reshape(len(x), -1, group)
-  s = np.abs(g).max(-1) / 127
-  q = np.round(g / np.where(s > 0, s, 1.0)[..., None])
-  return q.reshape(x.shape), s
+  """`x [M, K]` rounded to int8 per group of `group` inputs as the kernel states it: codes
+  `round_half_even(x * (127 / absmax))` in float32 arithmetic, scales `absmax / 127`; (codes,
+  float64 scales `[M, G]`)."""
+  g = np.asarray(x, np.float32).reshape(len(x), -1, group)
+  amax = np.abs(g).max(-1, keepdims=True)
+  inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), np.float32(0))
+  q = np.round(g * inv.astype(np.float32))
+  return q.reshape(np.shape(x)).astype(np.float64), (amax[..., 0] / np.float32(127)).astype(
+      np.float64)
 
 
 def _np_product(x, b, scale):
@@ -61,7 +63,8 @@ def _inputs(rows, k, group, seed):
 
 
 @pytest.mark.parametrize("m,n,k,group", [(1, 37, 128, 32), (2, 8, 192, 32), (5, 41, 256, 64),
-                                         (9, 16, 128, 32), (16, 6, 512, 128), (3, 10, 64, 16)])
+                                         (9, 16, 128, 32), (16, 6, 512, 128), (1, 37, 1152, 32),
+                                         (3, 19, 1536, 32), (3, 10, 64, 16)])
 def test_product_equals_float64_reference(m, n, k, group):
   """The kernel where it applies; groups of 16 (last case): the same rounded inputs through
   XLA's weight-only loop."""
@@ -82,6 +85,17 @@ def test_product_equals_float64_reference(m, n, k, group):
                              atol=2e-6 * size.max())
   plain = x.astype(np.float64) @ np.asarray(packed_int4.dequantized(b, scale), np.float64).T
   assert np.abs(plain - want).max() > 30 * np.abs(got - want).max()
+
+
+def test_nan_inputs_give_nan_outputs():
+  rng = np.random.default_rng(0)
+  b = rng.integers(0, 256, (5, 64), dtype=np.uint8)
+  scale = (rng.random((5, 4, 2)) / 50 + 1e-3).astype(np.float32)
+  x = rng.standard_normal((2, 128)).astype(np.float32)
+  x[0, 37] = np.nan  # one input of the first row's second group
+  got = np.asarray(jax.jit(lambda x, b, s: cpu_int4.matmul_t(x, b, s, _xla_loop))(x, b, scale))
+  assert np.isnan(got[0]).all() and np.isfinite(got[1]).all()
+  assert np.isnan(np.asarray(cpu_int4.reference(x, b, scale))[0]).all()
 
 
 def _xla_loop(x, b, s):
@@ -125,6 +139,8 @@ def test_decoding_equals_rounded_input_reference():
   pk = packed.pack(model, params, "int4", activations="int8")  # groups of 32: the kernel's
   weights = packed_int4.unpack(pk)
   prompt, n = [5, 6, 7, 8, 9], 10
+  step = jax.jit(lambda p, t: packed.apply(model, p, t))
+  assert cpu_int4.TARGET in step.lower(pk, tokens(0, 1, 1)).as_text()  # the kernel, not XLA's
   out = infer.generate(model, pk, [prompt], max_new_tokens=n, ignore_eos=True,
                        return_logits=True)
   # The prompt's 5 rows also go through the kernel (a few rows); the reference rounds each

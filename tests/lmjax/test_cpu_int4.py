@@ -116,22 +116,19 @@ def _round_groups(x, k, group=32):
   return (jnp.round(g / jnp.where(s > 0, s, 1.0)) * s).reshape(x.shape)
 
 
-def _reference(model, weights, prompt, n):
-  """Greedy decoding by `model.apply` on the dequantized weights with each projection's input
-  rounded per group of 32 (one token per step: the kernel's rows), no cache: (tokens, logits)."""
+def _reference(model, weights, toks):
+  """`model.apply` on the dequantized weights with each projection's input rounded per row
+  (token) and group of 32, no cache, over all of `toks`: the logits `[T, V]` (causal: row t
+  is what decoding computes after token t, rounding row by row as the kernel does)."""
   def round_input(next_fun, args, kwargs, context):
     m = context.module
     if packed.module_role(m, context.method_name) == "einsum":
       args = (_round_groups(args[0], project_split(m.eqn)),) + args[1:]
     return next_fun(*args, **kwargs)
-  apply = jax.jit(lambda w, t: model.apply({"params": w}, t))
-  toks, logits = list(prompt), []
-  for _ in range(n):
+  def apply(w, t):
     with nn.intercept_methods(round_input):
-      last = np.asarray(apply(weights, jnp.asarray([toks]))[0, -1])
-    logits.append(last)
-    toks.append(int(last.argmax()))
-  return toks[len(prompt):], np.stack(logits)
+      return model.apply({"params": w}, t)
+  return np.asarray(jax.jit(apply)(weights, jnp.asarray([toks]))[0], np.float64)
 
 
 def test_decoding_equals_rounded_input_reference():
@@ -145,9 +142,9 @@ def test_decoding_equals_rounded_input_reference():
                        return_logits=True)
   # The prompt's 5 rows also go through the kernel (a few rows); the reference rounds each
   # projection's input per row and group wherever it has fewer than 17 rows: all of them here.
-  want_tokens, want = _reference(model, weights, prompt, n)
+  want = _reference(model, weights, prompt + out.tokens[0])[len(prompt) - 1:-1]
   got = np.asarray(out.logits[0], np.float64)
-  assert out.tokens[0] == want_tokens and len(set(want_tokens)) > 1
+  assert out.tokens[0] == list(want.argmax(-1)) and len(set(out.tokens[0])) > 1
   np.testing.assert_allclose(got, want, atol=2e-4)
   # Weight-only packed int4 (the default): float inputs, further from this reference.
   plain = infer.generate(model, pk.replace(activations=None), [prompt], max_new_tokens=n,
@@ -155,8 +152,8 @@ def test_decoding_equals_rounded_input_reference():
   assert np.abs(np.asarray(plain.logits[0]) - want).max() > 10 * np.abs(got - want).max()
   # A prompt of 17 rows or more (and the int8 embedding's head in it) stays weight-only.
   long = tokens(2, 1, cpu_int4.MAX_ROWS + 4)
-  np.testing.assert_array_equal(np.asarray(packed.apply(model, pk, long)),
-                                np.asarray(packed.apply(model, pk.replace(activations=None), long)))
+  np.testing.assert_array_equal(np.asarray(step(pk, long)),
+                                np.asarray(step(pk.replace(activations=None), long)))
 
 
 def test_where_it_applies_and_a_failed_build(monkeypatch, tmp_path):

@@ -52,10 +52,10 @@ CORPUS = Path(__file__).resolve().parents[1] / "train" / "corpora" / "shakespear
 
 
 def load(fmt: str):
-  if fmt.endswith("-a8"):  # packed int4 with int8 activations (lmjax.quant.cpu_int4)
+  if fmt.endswith("-a8"):  # packed int8 / int4 with int8 activations (lmjax.quant.cpu_int*)
     cfg, params, tok = load(fmt.removesuffix("-a8"))
-    if getattr(params, "fmt", None) != "int4":
-      raise ValueError(f"{fmt}: -a8 (int8 activations) is for packed int4 formats")
+    if getattr(params, "fmt", None) not in ("int8", "int4"):
+      raise ValueError(f"{fmt}: -a8 (int8 activations) is for packed int8 / int4 formats")
     return cfg, params.replace(activations="int8"), tok
   if fmt in ("q4_1-kept", "packed-q4_1-kept"):
     cfg, params, tok = lmjax.load_pretrained("smollm2-135m-instruct", quant="keep")
@@ -119,8 +119,12 @@ def chunked_perplexity(model, params, ids, chunk: int = 16) -> float:
 
 def decode_seconds(runs: dict, repeats: int) -> dict:
   """Best-of-`repeats` seconds of `NEW - 1` decode steps per run: `t(NEW) - t(1)` of each
-  `run(n)`, every run interleaved so a load that changes weighs on all alike."""
+  `run(n)`, every run interleaved so a load that changes weighs on all alike. Each run's best
+  `t(1)` (the prompt's prefill and the first token: time to first token) is stored in
+  `runs[f]["first_token_s"]`."""
   best = {f: float("inf") for f in runs}
+  for r in runs.values():
+    r["first_token_s"] = float("inf")
   for _ in range(repeats):
     for f, r in runs.items():
       t0 = time.perf_counter()
@@ -129,6 +133,7 @@ def decode_seconds(runs: dict, repeats: int) -> dict:
       r["run"](NEW)
       t2 = time.perf_counter()
       best[f] = min(best[f], (t2 - t1) - (t1 - t0))
+      r["first_token_s"] = min(r["first_token_s"], t1 - t0)
   return best
 
 
@@ -175,12 +180,13 @@ def main():
     row["agree_prefix"] = (same + [False]).index(False) / len(ref)
     row["agree_all"] = float(np.mean(same))
     row["decode_tok_s"] = (NEW - 1) / best[f]
+    row["first_token_s"] = runs[f]["first_token_s"]
     row["vs_packed_f32"] = row["decode_tok_s"] / base
     if "packed-bfloat16" in best:
       row["vs_packed_bf16"] = row["decode_tok_s"] * best["packed-bfloat16"] / (NEW - 1)
     row["roofline_tok_s"] = bandwidth / (row["MB"] * 1e6)
   cols = ["format", "MB", "load_s", "perplexity", "agree_prefix", "agree_all", "decode_tok_s",
-          "vs_packed_f32", "vs_packed_bf16", "roofline_tok_s"]
+          "first_token_s", "vs_packed_f32", "vs_packed_bf16", "roofline_tok_s"]
   print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; load {load0} -> {os.getloadavg()}")
   print(common.table(rows, cols))
   path = common.write(args.name, {"rows": rows, "bandwidth_bytes_per_s": bandwidth,

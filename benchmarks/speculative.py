@@ -17,7 +17,8 @@ the raw params), so each ratio is speculative over plain decoding in that format
 * ngram k=K for each `--k`: prompt lookup, no second model;
 * drafter k=K for each `--drafter-k`: with `--drafter DIR` (a `save_pretrained` folder or run
   dir of a small model with SmolLM2's tokenizer, e.g. `python -m train.distill`'s), or
-  `--drafter self:int8`: SmolLM2's own weights packed in int8 drafting for it.
+  `--drafter self:int8` (or self:int4): SmolLM2's own weights packed in int8 drafting for
+  it, on the target's KV cache (`infer.speculative.shares_cache`: no prefill of its own).
 
 Each run is compiled first, then the fastest of `--repeats` timed calls is kept (runs
 interleaved, so a busy machine disturbs all alike). Greedy speculative output must equal the
@@ -186,7 +187,10 @@ def breakdown(a, fmt: str, model, raw, tok) -> dict:
   * ngram round k: a round that checks n-gram drafts: lookup, the forward, the greedy rule,
     the cache lengths, the end checks and recording;
   * drafter drafting k / drafter round k (with `--drafter`): the drafter's k one-token steps
-    alone, and a whole round (drafting and the check).
+    alone, and a whole round (drafting and the check);
+  * plain start / drafter start k (with `--drafter`): once per call, not per iteration: the
+    prefill and first token of plain decoding, and of the speculative loop (the drafter's
+    prefill too, unless it drafts on the target's cache: `speculative.shares_cache`).
   """
   from infer import decode, requests, speculative
   from infer.spec_rule import ngram_propose
@@ -240,17 +244,28 @@ def breakdown(a, fmt: str, model, raw, tok) -> dict:
 
     def drafting(dp, s):  # the drafter's cache carried (its writes kept), its length not
       d, _, dc = sd._draft_model(dp, s, consts, sd._keys(consts, s["t"], k))
+      name = "cache" if sd.shared else "dcache"  # `speculative.shares_cache`: the target's
       return dict(s, t=s["t"] + 1, hlen=s["hlen"] + (d[:, 0] < 0).astype(jnp.int32),
-                  dcache=dc.replace(lengths=s["dcache"].lengths))
+                  **{name: dc.replace(lengths=s[name].lengths)})
     add(f"drafter drafting k={k}", drafting, r.draft_params, state)
     add(f"drafter round k={k}", lambda ps, s: sd._round(ps[0], ps[1], ps[2], s, consts),
         (params, sd.widen(params), r.draft_params), state)
-  best = {name: float("inf") for name in loops}
+    starts = {"plain start": (dec.start, (params, r.inputs, consts)),
+              f"drafter start k={k}": (sd.start, (params, r.draft_params, r.inputs, consts))}
+  else:
+    starts = {}
+  for f, args in starts.values():
+    jax.block_until_ready(f(*args))  # compile
+  best = {name: float("inf") for name in [*loops, *starts]}
   for _ in range(a.repeats):
     for name, (f, args, state) in loops.items():
       t0 = time.perf_counter()
       jax.block_until_ready(f(args, state))
       best[name] = min(best[name], (time.perf_counter() - t0) / n * 1e3)
+    for name, (f, args) in starts.items():  # once per call: the prefill(s), the first token
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(*args))
+      best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
   rows = [{"format": fmt, "part": name, "ms": ms, "vs_plain_step": ms / best["plain step"]}
           for name, ms in best.items()]
   return {"rows": rows, "iterations": n, "load_average_end": os.getloadavg()[0]}

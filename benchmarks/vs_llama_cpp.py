@@ -7,9 +7,10 @@ batch-1 decode is what is timed). lmjax runs float32 (the GGUF dequantized: the 
 reference), packed float32 / bfloat16 / int8 / int4 / nf4 (`lmjax.packed.pack`), the Q4_1
 blocks kept as they are (`load_pretrained(..., quant="keep")`) and those blocks packed
 (`packed-q4_1-kept`: the same codes, scales and minimums; the Q8_0 embedding int8 per row).
-`packed-int4-a8` / `packed-q4_1-kept-a8`: the same weights with int8 activations
-(`pack(..., activations="int8")`: decoding's products through `lmjax.quant.cpu_int4`'s kernel,
-inputs rounded to int8 per group of 32), beside the weight-only formats in the same run.
+`packed-int8-a8` / `packed-int4-a8` / `packed-q4_1-kept-a8`: the same weights with int8
+activations (`pack(..., activations="int8")`: decoding's products through the kernels of
+`lmjax.quant.cpu_int8` / `cpu_int4`, inputs rounded to int8 per group of 32), beside the
+weight-only formats in the same run.
 
 * Quality: perplexity on the held-out token ids of benchmarks/quant.py (4 rows of 256 tokens from
   the second half of the embedded Shakespeare corpus, lmjax's tokenizer), llama.cpp fed the same
@@ -23,7 +24,10 @@ inputs rounded to int8 per group of 32), beside the weight-only formats in the s
   (prefill cancels), best of `--repeats`, every engine interleaved in each repeat. llama.cpp:
   `eval` of the prompt, then argmax of the last logits and `eval` of that token, 127 times; at 1
   and 2 threads (a 2-thread llama.cpp spin-waits badly on a loaded 2-core machine); each lmjax
-  format as a ratio of the faster llama.cpp. Greedy agreement of every engine with lmjax float32.
+  format as a ratio of the faster llama.cpp. Time to first token: the best `t(1)` (the 128-token
+  prompt's prefill and one token; llama.cpp evaluates its prompt one token at a time, see
+  above), `first_token_vs_llama_cpp` that of the same llama.cpp over lmjax's (> 1: lmjax
+  sooner). Greedy agreement of every engine with lmjax float32.
 * The machine: load average at start and end, read bandwidth (benchmarks/common.py).
 
     python benchmarks/vs_llama_cpp.py [--repeats 3] [--formats float32,packed-bfloat16,...]
@@ -182,6 +186,8 @@ def main():
     f = row["engine"].removeprefix("lmjax ")
     row["decode_tok_s"] = (NEW - 1) / best[f]
     row["vs_llama_cpp"] = row["decode_tok_s"] / base
+    row["first_token_s"] = runs[f]["first_token_s"]
+    row["first_token_vs_llama_cpp"] = runs[base_name]["first_token_s"] / row["first_token_s"]
     row["roofline_tok_s"] = bandwidth / (row["MB"] * 1e6)
     if ref is not None:
       same = [a == b for a, b in zip(runs[f]["tokens"], ref)]
@@ -189,7 +195,8 @@ def main():
       row["agree_all"] = float(np.mean(same))
   load1 = os.getloadavg()
   cols = ["engine", "MB", "perplexity", "decode_perplexity", "agree_prefix", "agree_all",
-          "decode_tok_s", "vs_llama_cpp", "roofline_tok_s"]
+          "decode_tok_s", "vs_llama_cpp", "roofline_tok_s", "first_token_s",
+          "first_token_vs_llama_cpp"]
   print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; load {load0} -> {load1}; "
         f"baseline {base_name}")
   print(common.table(rows, cols))

@@ -5,7 +5,9 @@ al., 2023, "Accelerating Large Language Model Decoding with Speculative Sampling
 per row:
 
 1. the drafter proposes d_1..d_k: a smaller `CausalLM` with the same vocabulary, decoding from
-   its own KV cache with the request's sampler (distributions q_1..q_k), or "ngram", prompt
+   its own KV cache with the request's sampler (distributions q_1..q_k; a drafter with the
+   target's config, e.g. its own weights in int4, drafts on the target's cache instead:
+   `shares_cache`), or "ngram", prompt
    lookup (Saxena, 2023): the tokens that followed the latest earlier occurrence of the
    row's last n tokens (n = 3, then 2), a point mass q;
 2. the target scores its last token and the k drafts in one forward pass over its cache:
@@ -18,9 +20,9 @@ per row:
    drafts are kept while they equal the target's argmax, and the argmax follows: the same
    tokens as plain greedy decoding (up to float rounding between a k+1-token and a 1-token
    forward, which can only matter at exact ties);
-4. both caches roll back to the tokens kept (per-row `lengths`; stale slots are overwritten
-   later and never attended), EOS / stop sequences / stop strings / `max_new_tokens` are
-   checked token by token as in `infer.decode`.
+4. both caches (one when shared) roll back to the tokens kept (per-row `lengths`; stale
+   slots are overwritten later and never attended), EOS / stop sequences / stop strings /
+   `max_new_tokens` are checked token by token as in `infer.decode`.
 
 All of it runs in one jitted `lax.while_loop` per (target, drafter, plan, k). Seeds give each
 row its own keys (as in `infer.decode`), but a sampled row's draws differ from plain
@@ -45,14 +47,14 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 import lmjax
 from infer import decode, prefix_glue, results, sampling
 from infer.requests import Request, is_int, round_up
-from infer.spec_rule import NGRAM, accept, ngram_propose, sampler_probs
+from infer.spec_rule import NGRAM, accept, draw, ngram_propose, sampler_probs
 from lmjax import packed as packed_lib
 from lmjax import packed_rows
 
 Array = jax.Array
 
 __all__ = ["SpeculativeResult", "NGRAM", "accept", "ngram_propose", "sampler_probs", "run",
-           "check", "setup", "finish"]
+           "check", "setup", "finish", "shares_cache"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,7 @@ class SpecDecoder:
     self.splan, self.plan = splan, splan.plan
     self.target = decode.decoder_for(model, splan.plan)
     self.draft = None if draft_model is None else decode.decoder_for(draft_model, splan.plan)
+    self.shared = draft_model is not None and shares_cache(model, draft_model)
     self.run = jax.jit(self._run)
     self.start = jax.jit(self._start)  # `start` and `round`: the loop's parts, for `stream`
     self.round = jax.jit(self._round)
@@ -159,7 +162,7 @@ class SpecDecoder:
         "accepted": jnp.zeros((r,), jnp.int32), "drafted": jnp.zeros((r,), jnp.int32),
         "recent": jnp.full((r, p.stop_shape[1]), -1, jnp.int32),
     }
-    if self.draft is not None:
+    if self.draft is not None and not self.shared:
       state["dcache"] = self.draft._prefill(dparams, base)[1]
     if p.text_stops[0]:
       state["tail"] = jnp.full((r, p.text_stops[1]), -1, jnp.int32)
@@ -173,34 +176,34 @@ class SpecDecoder:
     return state
 
   def _draft_model(self, dparams, state, consts, keys):
-    """k drafts `[R, k]` and their logits `[R, k, V]` from the draft model; its cache."""
+    """k drafts `[R, k]` and their filtered logits `[R, k, V]` (`spec_rule.draw`) from the
+    draft model; its cache (with
+    `shared`: the target's cache arrays, the drafts' slots written, the lengths moved)."""
     flags, rows = dict(self.plan.flags), self.plan.rows
-    dc, hist, hlen = state["dcache"], state["hist"], state["hlen"]
-    lag = hlen - 1 - dc.lengths  # 1 after a round that kept every draft: d_k not yet fed
-    two = lag == 1
+    hist, hlen = state["hist"], state["hlen"]
     at = lambda i: jnp.take_along_axis(hist, jnp.maximum(i, 0)[:, None], 1)[:, 0]  # noqa: E731
     last, prev = at(hlen - 1), at(hlen - 2)
 
     def step(tokens, dc, **kw):  # one token per row; the weights read inside the loop
       p, tokens = decode.in_loop(dparams, rows, tokens[:, None])
       return self.draft._apply(p, tokens, cache=dc, **kw)
-    # One-token steps only (a two-token step of the rows that lag cost ~2.5 one-token steps):
-    # first d_k alone where a row lags (segment 0 elsewhere: nothing written), then the last.
-    dc = _once(jnp.any(two), lambda dc: step(
-        prev, dc, segment_ids=two[:, None].astype(jnp.int32))[1], dc)
+    if self.shared:  # the target's cache holds every kept token but the last (`shares_cache`)
+      dc = state["cache"]
+    else:
+      dc = state["dcache"]
+      two = hlen - 1 - dc.lengths == 1  # after a round that kept every draft: d_k not yet fed
+      # One-token steps only (a two-token step of the rows that lag cost ~2.5 one-token steps):
+      # first d_k alone where a row lags (segment 0 elsewhere: nothing written), then the last.
+      dc = _once(jnp.any(two), lambda dc: step(
+          prev, dc, segment_ids=two[:, None].astype(jnp.int32))[1], dc)
     logits, dc = step(last, dc)
-    ql = logits[:, 0]
-
-    def draw(ql, key):
-      return sampling.sample_logits(ql, key, consts["temperature"], consts["top_k"],
-                                    consts["top_p"], **flags)
-    d = draw(ql, keys[:, 0])
+    d, ql = draw(logits[:, 0], keys[:, 0], consts, flags)  # ql: filtered, for `sampler_probs`
 
     def body(carry, key):
       dc, d = carry
       logits, dc = step(d, dc)
-      d2 = draw(logits[:, 0], key)
-      return (dc, d2), (d2, logits[:, 0])
+      d2, ql2 = draw(logits[:, 0], key, consts, flags)
+      return (dc, d2), (d2, ql2)
     (dc, _), (ds, qls) = jax.lax.scan(body, (dc, d), jnp.swapaxes(keys[:, 1:], 0, 1))
     drafts = jnp.concatenate([d[:, None], jnp.swapaxes(ds, 0, 1)], axis=1)
     qlogits = jnp.concatenate([ql[:, None], jnp.swapaxes(qls, 0, 1)], axis=1)
@@ -215,6 +218,9 @@ class SpecDecoder:
     hist, hlen = state["hist"], state["hlen"]
     if self.draft is not None:
       drafts, qlogits, dc = self._draft_model(dparams, state, consts, keys[:, :k])
+      if self.shared:  # the check overwrites the drafts' slots: the same arrays, in place
+        return self._verify(wide, dict(state, cache=dc.replace(
+            lengths=state["cache"].lengths)), consts, keys, drafts, qlogits)
       s = self._verify(wide, state, consts, keys, drafts, qlogits)
       s["dcache"] = dc.replace(lengths=jnp.where(~state["done"], hlen + jnp.minimum(
           s["accepted"] - state["accepted"], k - 1), state["dcache"].lengths))
@@ -260,7 +266,7 @@ class SpecDecoder:
       if qlogits is None:
         q = jax.nn.one_hot(drafts, logits.shape[-1], dtype=jnp.float32)
       else:
-        q = sampler_probs(qlogits, consts, flags)
+        q = sampler_probs(qlogits, consts, flags, filtered=True)
       u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(keys[:, k])
       n, nxt = accept(pr, q, drafts, u, keys[:, k + 1])
     j = jnp.arange(k + 1)[None, :]
@@ -293,6 +299,25 @@ def _once(pred: Array, fn, state: Any) -> Any:
   """
   return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.zeros_like(pred), fn(c[1])),
                             (pred, state))[1]
+
+
+def shares_cache(model, draft_model) -> bool:
+  """Whether the drafter drafts on the target's KV cache instead of a cache of its own: a
+  drafter with the target's config (the target's own weights in another format, e.g. packed
+  int4, or a fine-tuned copy), whose keys and values have the target's shapes.
+
+  The target's cache holds every kept token but the round's last (its check wrote them, and
+  the prompt's prefill before it), so the drafter needs no prefill of its own and never lags
+  behind a round that kept all k drafts (with a cache of its own: a step for d_k, then one
+  for the bonus token). Its k steps write its keys and values for the last token and d_1 ..
+  d_{k-1} into the slots after the cache's length; the check then writes the target's own
+  into the same slots before attending, so the target reads only its own keys and values:
+  the output is unchanged, only the drafts (which the rule checks) come from a drafter
+  reading the target's keys and values for the context. SmolLM2-135M drafting for itself in
+  int4 (`benchmarks/speculative.py --drafter self:int4`): no int4 prefill of the prompt (it
+  took 1.5x the target's float32 prefill) and one draft step fewer in each round after one
+  that kept every draft."""
+  return model.config == draft_model.config
 
 
 def reads_narrow(params, rows: int) -> bool:

@@ -14,30 +14,22 @@
 // with the integer dot product of unsigned codes and signed inputs (vpdpbusd: AVX-512 VNNI
 // on 512-bit vectors, a 32-byte chunk's low and high nibbles side by side; AVX-VNNI or AVX2
 // vpmaddubsw on 256-bit ones otherwise). Each weight row is read once for all M input rows.
-// Weight rows are split into chunks taken from an atomic counter by the calling thread and
-// by tasks on XLA's intra-op thread pool; a task that starts after the work is gone returns
-// without touching it.
+// Weight rows are split between the calling thread and XLA's intra-op threads
+// (`lmjax_cpu::Split`, cpu_kernels.h).
 
-#include <immintrin.h>
-
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "cpu_kernels.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMaxRows = 8;  // input rows per pass over the weights
-constexpr int64_t kAhead = 16;      // weight rows prefetched ahead
+using lmjax_cpu::Hsum;
+using lmjax_cpu::kAhead;
+using lmjax_cpu::Prefetch;
+
 constexpr int64_t kMaxGroups = 256;  // groups per row of the 512-bit path
 
 struct Job {
@@ -50,17 +42,7 @@ struct Job {
   const float* xsum;    // [M, G]: sx * sum of the group's xq
   float* y;             // [M, N]
   int64_t m, n, k, g, gs;
-  int64_t rows_per_chunk, chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
 };
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
 
 inline __m256i Dot(__m256i acc, __m256i u, __m256i v) {  // acc += u8 x s8, 4 per lane
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -116,7 +98,7 @@ void RowBlock(const Job& j, int64_t n, int64_t m0) {
     }
   }
   for (int q = 0; q < R; ++q)
-    for (int r = 0; r < M; ++r) j.y[(m0 + r) * j.n + n + q] = hsum(acc[q][r]) + off[q][r];
+    for (int r = 0; r < M; ++r) j.y[(m0 + r) * j.n + n + q] = Hsum(acc[q][r]) + off[q][r];
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -198,78 +180,15 @@ void Rows(const Job& j, int64_t n0, int64_t n1, int64_t m0) {
   constexpr int R = M == 1 ? 4 : M <= 3 ? 2 : 1;
   int64_t n = n0;
   for (; n + R <= n1; n += R) {
-    if (n + kAhead < n1) {  // the hardware prefetcher alone left loads waiting
+    if (n + kAhead < n1) {
       for (int q = 0; q < R; ++q) {
-        const char* row = reinterpret_cast<const char*>(j.b + (n + kAhead + q) * (j.k / 2));
-        for (int64_t at = 0; at < j.k / 2; at += 64) _mm_prefetch(row + at, _MM_HINT_T0);
-        const char* sc = reinterpret_cast<const char*>(j.scale + (n + kAhead + q) * j.g * 2);
-        for (int64_t at = 0; at < j.g * 8; at += 64) _mm_prefetch(sc + at, _MM_HINT_T0);
+        Prefetch(j.b + (n + kAhead + q) * (j.k / 2), j.k / 2);
+        Prefetch(j.scale + (n + kAhead + q) * j.g * 2, j.g * 8);
       }
     }
     if (kWide && j.g <= kMaxGroups) RowBlockWide<M, R>(j, n, m0); else RowBlock<M, R>(j, n, m0);
   }
   for (; n < n1; ++n) RowBlock<M, 1>(j, n, m0);
-}
-
-void RowsAll(const Job& j, int64_t n0, int64_t n1) {
-  for (int64_t m0 = 0; m0 < j.m; m0 += kMaxRows) {
-    switch (std::min<int64_t>(kMaxRows, j.m - m0)) {
-      case 1: Rows<1>(j, n0, n1, m0); break;
-      case 2: Rows<2>(j, n0, n1, m0); break;
-      case 3: Rows<3>(j, n0, n1, m0); break;
-      case 4: Rows<4>(j, n0, n1, m0); break;
-      case 5: Rows<5>(j, n0, n1, m0); break;
-      case 6: Rows<6>(j, n0, n1, m0); break;
-      case 7: Rows<7>(j, n0, n1, m0); break;
-      default: Rows<8>(j, n0, n1, m0); break;
-    }
-  }
-}
-
-void Work(Job& j) {
-  for (;;) {
-    const int64_t c = j.next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= j.chunks) return;
-    const int64_t n0 = c * j.rows_per_chunk;
-    RowsAll(j, n0, std::min(j.n, n0 + j.rows_per_chunk));
-    j.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-// Rounds `n` (a multiple of 32) floats to int8 with one scale: x * (127 / absmax), half to
-// even (the CPU's default rounding); `*d` = absmax / 127, `*dsum` the scale times the codes'
-// sum (both NaN if an input is NaN, so NaN reaches the outputs as in a float product).
-void QuantizeGroup(const float* x, int64_t n, int8_t* q, float* d, float* dsum) {
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 amax = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
-    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  }
-  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
-  const float a = _mm_cvtss_f32(m4);
-  const __m256 inv = _mm256_set1_ps(a > 0.f ? 127.f / a : 0.f);
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  __m256i sum = _mm256_setzero_si256();
-  for (int64_t i = 0; i < n; i += 32) {
-    __m256i c[4];
-    for (int t = 0; t < 4; ++t) {
-      c[t] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * t), inv));
-      sum = _mm256_add_epi32(sum, c[t]);
-    }
-    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]),
-                                         _mm256_packs_epi32(c[2], c[3]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(b, order));
-  }
-  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
-  *d = a / 127.f;
-  *dsum = *d * static_cast<float>(_mm_cvtsi128_si32(s4));
-  if (_mm256_movemask_ps(nan)) *d = *dsum = NAN;  // a NaN input: the group's outputs NaN
 }
 
 ffi::Error Int4MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> b,
@@ -282,12 +201,12 @@ ffi::Error Int4MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
       (k / 2) % (k / g))
     return ffi::Error::InvalidArgument("int4 matmul: shapes do not fit (groups of a multiple "
                                        "of 32 inputs within each half)");
-  auto job = std::make_shared<Job>();
-  job->x = x.typed_data();
-  job->b = b.typed_data();
-  job->scale = scale.typed_data();
-  job->y = y->typed_data();
-  job->m = m, job->n = n, job->k = k, job->g = g, job->gs = k / g;
+  Job job;
+  job.x = x.typed_data();
+  job.b = b.typed_data();
+  job.scale = scale.typed_data();
+  job.y = y->typed_data();
+  job.m = m, job.n = n, job.k = k, job.g = g, job.gs = k / g;
   const int64_t gs = k / g;
   thread_local std::vector<int8_t> xq, xw;
   thread_local std::vector<float> sx, xsum;
@@ -297,38 +216,20 @@ ffi::Error Int4MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   xsum.resize(m * g);
   for (int64_t r = 0; r < m; ++r)
     for (int64_t q = 0; q < g; ++q)
-      QuantizeGroup(job->x + r * k + q * gs, gs, xq.data() + r * k + q * gs, &sx[r * g + q],
-                    &xsum[r * g + q]);
+      lmjax_cpu::QuantizeGroup(job.x + r * k + q * gs, gs, xq.data() + r * k + q * gs,
+                               &sx[r * g + q], &xsum[r * g + q]);
   for (int64_t r = 0; r < m; ++r)
     for (int64_t c = 0; c < k / 64; ++c) {
       std::memcpy(&xw[r * k + 64 * c], &xq[r * k + 32 * c], 32);
       std::memcpy(&xw[r * k + 64 * c + 32], &xq[r * k + k / 2 + 32 * c], 32);
     }
-  job->xq = xq.data();
-  job->xw = xw.data();
-  job->sx = sx.data();
-  job->xsum = xsum.data();
-  static const int64_t most = [] {  // $LMJAX_CPU_THREADS: at most this many threads a call
-    const char* env = std::getenv("LMJAX_CPU_THREADS");
-    return env ? std::max(1, std::atoi(env)) : 1 << 30;
-  }();
-  const int64_t threads = std::min(most, std::max<int64_t>(1, pool.num_threads()));
-  job->rows_per_chunk = std::max<int64_t>(16, (n + threads - 1) / threads);
-  job->chunks = (n + job->rows_per_chunk - 1) / job->rows_per_chunk;
-  if (threads == 1 || job->chunks == 1) {
-    Work(*job);
-  } else {
-    const int64_t helpers = std::min<int64_t>(threads, job->chunks) - 1;
-    for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job] { Work(*job); });
-    Work(*job);
-    for (int spin = 0; job->done.load(std::memory_order_acquire) < job->chunks; ++spin) {
-      if (spin < 4096) {
-        _mm_pause();
-      } else {
-        std::this_thread::yield();  // a pre-empted helper needs this core
-      }
-    }
-  }
+  job.xq = xq.data();
+  job.xw = xw.data();
+  job.sx = sx.data();
+  job.xsum = xsum.data();
+  lmjax_cpu::ForAll(pool, m, n, [&job](auto rows, int64_t n0, int64_t n1, int64_t m0) {
+    Rows<decltype(rows)::value>(job, n0, n1, m0);
+  });
   return ffi::Error::Success();
 }
 

@@ -18,94 +18,30 @@ The output rows are split between the calling thread and XLA's intra-op threads 
 products of up to 16 rows (batch-1 decoding, speculative checks) of packed int4 params with
 int8 activations (`lmjax.packed.pack(model, params, "int4", activations="int8")`) whose
 groups are a multiple of 32 inputs (a GGUF's Q4_0 / Q4_1 blocks; packing's default 32).
-The kernel is built only on an x86-64 Linux host with AVX2 and a C++20 compiler (`$CXX`,
-else `g++`), and `LMJAX_CPU_KERNELS=0` turns it off; elsewhere (other platforms, group sizes,
-no kernel) the same rounded inputs go through XLA's weight-only loop, so the numbers differ
-only by float summation order (NaN inputs give NaN outputs on both paths). The compiled
-library is kept in `lmjax.compilation_cache.cache_root() / "kernels"`, named by a hash of the
-source, the compiler and its flags, the jaxlib version and the CPU's flags.
+The kernel is built (`lmjax.quant.cpu_build`: on first use, for the host's CPU, cached) only on
+an x86-64 Linux host with AVX2 and a C++20 compiler, and `LMJAX_CPU_KERNELS=0` turns it off;
+elsewhere (other platforms, group sizes, no kernel) the same rounded inputs go through XLA's
+weight-only loop, so the numbers differ only by float summation order (NaN inputs give NaN
+outputs on both paths).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 
-from lmjax.compilation_cache import cache_root
+from lmjax.quant import cpu_build
 
 Array = jax.Array
-SOURCE = Path(__file__).with_name("cpu_int4.cc")
 TARGET = "lmjax_int4_matmul_t"
-ENV = "LMJAX_CPU_KERNELS"
 MAX_ROWS = 16  # input rows per call; more (a prompt) keep XLA's matmul
 
 
-def _cpu_flags() -> str:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("flags"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return ""
-
-
-def _build() -> Path:
-  """The compiled library's path, compiling it first if no cached copy exists."""
-  cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-  if cxx is None:
-    raise RuntimeError("no C++ compiler ($CXX, g++ or c++) on the PATH")
-  flags = ["-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-pthread",
-           "-I", jax.ffi.include_dir()]
-  key = hashlib.sha256(SOURCE.read_bytes() + " ".join(
-      [cxx, *flags, jaxlib.__version__, _cpu_flags()]).encode()).hexdigest()[:16]
-  out = cache_root() / "kernels" / f"cpu_int4-{key}.so"
-  if out.exists():
-    return out
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, then renamed
-    part = Path(tmp) / out.name
-    done = subprocess.run([cxx, *flags, str(SOURCE), "-o", str(part)], capture_output=True,
-                          text=True)
-    if done.returncode:
-      raise RuntimeError(f"{cxx} failed:\n{done.stderr[-2000:]}")
-    os.replace(part, out)
-  return out
-
-
-@functools.cache
 def available() -> bool:
-  """Whether the kernel is built and registered (x86-64 with AVX2, a compiler, not turned off
-  by `$LMJAX_CPU_KERNELS=0`); a failed build warns once and returns False."""
-  if os.environ.get(ENV, "").strip().lower() in ("0", "off", "false", "no"):
-    return False
-  if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform != "linux":
-    return False
-  if "avx2" not in _cpu_flags().split() or "fma" not in _cpu_flags().split():
-    return False
-  try:
-    lib = ctypes.cdll.LoadLibrary(str(_build()))
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LmjaxInt4MatmulT),
-                                platform="cpu")
-  except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-    warnings.warn(f"lmjax's CPU int4 kernel is unavailable ({e}); packed int4 products use "
-                  f"XLA's loop", RuntimeWarning, stacklevel=2)
-    return False
-  return True
+  """Whether the kernel is built and registered (`lmjax.quant.cpu_build.load`)."""
+  return cpu_build.load("cpu_int4", "LmjaxInt4MatmulT", TARGET)
 
 
 def applies(x: Array, b: Array, scale: Array) -> bool:

@@ -57,6 +57,8 @@ def test_greedy_equals_plain_greedy(models, plain, drafter):
                              atol=1e-4)
   assert out.stop_reason == plain.stop_reason
   assert sum(out.accepted) <= 3 * sum(out.rounds)
+  if drafter != "ngram":  # target / bad (the target's config) draft on the target's cache
+    assert speculative.shares_cache(model, draft[0]) == (drafter != "small")
   if drafter == "target":  # the model drafting for itself: every draft is kept
     assert out.acceptance_rate == 1.0 and out.mean_accepted_length == 3.0
     assert out.rounds == [5, 5, 5]  # 1 token from the prefill, then 19 in rounds of 4
@@ -205,6 +207,34 @@ def test_once_runs_its_function_only_when_asked():
   x = jnp.arange(3.0)
   np.testing.assert_array_equal(f(jnp.asarray(True), x)["a"], x * 2 + 1)
   np.testing.assert_array_equal(f(jnp.asarray(False), x)["a"], x)
+
+
+def test_draws_filtered_logits_are_the_checks_draft_distributions():
+  """`spec_rule.draw` (the drafter's sampler, filtering each draft's logits once): the tokens
+  of `infer.sampling.sample_logits` for the same keys, and filtered logits whose
+  `sampler_probs(..., filtered=True)` equal the distributions `sampler_probs` gives the raw
+  logits (the q the rule must divide by), per row: temperatures 0.8 / 0 / 1.3 / 0.5 with
+  top-k and top-p; greedy flags: the argmax."""
+  from infer import spec_rule
+  logits = jax.random.normal(jax.random.key(0), (4, 40)) * 3
+  keys = jax.random.split(jax.random.key(1), 4)
+  consts = {"temperature": jnp.asarray([0.8, 0.0, 1.3, 0.5]),
+            "top_k": jnp.asarray([5, 40, 40, 12], jnp.int32),
+            "top_p": jnp.asarray([0.9, 1.0, 0.6, 1.0])}
+  flags = {"use_top_k": True, "use_top_p": True, "greedy": False}
+
+  @jax.jit
+  def both(logits, keys, consts):
+    tok, x = spec_rule.draw(logits, keys, consts, flags)
+    ref = sampling.sample_logits(logits, keys, consts["temperature"], consts["top_k"],
+                                 consts["top_p"], **flags)
+    return (tok, ref, spec_rule.sampler_probs(x[:, None], consts, flags, filtered=True),
+            spec_rule.sampler_probs(logits[:, None], consts, flags),
+            spec_rule.draw(logits, keys, consts, dict(flags, greedy=True))[0])
+  tok, ref, q, q_ref, best = both(logits, keys, consts)
+  np.testing.assert_array_equal(tok, ref)
+  np.testing.assert_allclose(q, q_ref, atol=1e-7)
+  np.testing.assert_array_equal(best, np.argmax(logits, axis=-1))
 
 
 # --------------------------------------------------------------------- the rule itself

@@ -1,12 +1,15 @@
-"""The hand-written CPU product for packed 4-bit weights (`lmjax.quant.cpu_int4`): the custom
+"""The hand-written CPU products (`lmjax.quant.cpu_int4`, `lmjax.quant.cpu_int8`): each custom
 call against float64 numpy of its stated math (inputs rounded to int8 per group, integer dot
-products, both scales), a packed int4 model's decoding against `model.apply` on dequantized
-weights with each projection's input rounded the same way, where it applies, and a failed
-build."""
+products, the scales), the AVX2 build (`$LMJAX_CPU_MARCH=haswell`) against the same, a packed
+int4 model's decoding against `model.apply` on dequantized weights with each projection's
+input rounded the same way, where they apply, and a failed build."""
 
-import math
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,12 +18,13 @@ import pytest
 import infer
 import lmjax
 from lmjax import packed
-from lmjax.layers import project_split
-from lmjax.quant import cpu_int4, packed_int4
+from lmjax.quant import cpu_build, cpu_int4, cpu_int8, packed_int4
+from tests.lmjax.activation_fixtures import rounded_apply
 from tests.lmjax.helpers import random_params, tiny, tokens
 
-pytestmark = pytest.mark.skipif(not cpu_int4.available(), reason="the CPU int4 kernel needs "
-                                "an x86-64 CPU with AVX2 and a C++20 compiler")
+pytestmark = pytest.mark.skipif(not (cpu_int4.available() and cpu_int8.available()),
+                                reason="the CPU kernels need an x86-64 Linux CPU with AVX2 and a "
+                                "C++20 compiler")
 
 
 def _np_round_groups(x, group):
@@ -98,6 +102,102 @@ def test_nan_inputs_give_nan_outputs():
   assert np.isnan(np.asarray(cpu_int4.reference(x, b, scale))[0]).all()
 
 
+def _np_product8(x, w, scale):
+  """float64 reference of the int8 kernel: inputs rounded per group of 32, exact integer dot
+  products per group, times the group's and the output's scales; and the sizes of the terms
+  the kernel adds in float32 (each lane's sum of 4 products, times its group's scale)."""
+  m, k = x.shape
+  xq, sx = _np_round_groups(x, 32)
+  lanes = np.einsum("mLl,nLl->mnL", xq.astype(np.int64).reshape(m, k // 4, 4),
+                    np.asarray(w, np.int64).reshape(len(w), k // 4, 4)).astype(np.float64)
+  terms = lanes * np.repeat(sx, 8, axis=-1)[:, None, :] * np.asarray(scale, np.float64)[None]
+  return terms.sum(-1), np.abs(terms).sum(-1)
+
+
+def _int8_case(m, n, k, seed):
+  rng = np.random.default_rng(seed)
+  w = rng.integers(-128, 128, (n, k), dtype=np.int8)  # -128 too (quantize gives +-127)
+  scale = (rng.random((n, 1)) / 50 + 1e-3).astype(np.float32)
+  return _inputs(m, k, min(32, k // 2), seed), w, scale
+
+
+INT8_CASES = [(1, 37, 576, 0), (2, 9, 1536, 1), (5, 41, 96, 2), (9, 16, 32, 3), (16, 6, 160, 4)]
+
+
+@pytest.mark.parametrize("m,n,k,seed", INT8_CASES)
+def test_int8_product_equals_float64_reference(m, n, k, seed):
+  """Widths of 64s and a 32 tail, 1-16 rows, output rows not a multiple of the row blocks."""
+  x, w, scale = _int8_case(m, n, k, seed)
+  assert cpu_int8.applies(jnp.asarray(x), jnp.asarray(w), jnp.asarray(scale))
+  f = jax.jit(lambda x, w, s: cpu_int8.matmul_t(x, w, s, _int8_loop))
+  assert cpu_int8.TARGET in f.lower(x, w, scale).as_text()
+  got = np.asarray(f(x, w, scale), np.float64)
+  want, size = _np_product8(x, w, scale)
+  assert np.all(np.abs(got - want) <= 2e-6 * size + 1e-30)
+  np.testing.assert_allclose(np.asarray(cpu_int8.reference(x, w, scale)), want,
+                             atol=2e-6 * size.max())
+  plain = x.astype(np.float64) @ (w.astype(np.float64) * scale).T
+  assert np.abs(plain - want).max() > 30 * np.abs(got - want).max()
+  x[0, k - 3] = np.nan  # a NaN input (in the last group): its row NaN, the others not
+  got = np.asarray(f(x, w, scale))
+  assert np.isnan(got[0]).all() and np.isfinite(got[1:]).all()
+
+
+def test_int8_kernel_applies_to_per_output_scales_of_32s():
+  x, w = jnp.zeros((1, 64)), jnp.zeros((8, 64), jnp.int8)
+  assert cpu_int8.applies(x, w, jnp.zeros((8, 1)))
+  assert not cpu_int8.applies(x, w, jnp.zeros((8, 2)))  # a scale per head and output
+  assert not cpu_int8.applies(jnp.zeros((1, 48)), jnp.zeros((8, 48), jnp.int8), jnp.zeros((8, 1)))
+  assert not cpu_int8.applies(jnp.zeros((17, 64)), w, jnp.zeros((8, 1)))  # a prompt
+  assert not cpu_int8.applies(x, w.astype(jnp.uint8), jnp.zeros((8, 1)))
+
+
+def _int8_loop(x, w, s):
+  return jnp.dot(packed._flat_copy(x), w.astype(jnp.float32).T) * s.T
+
+
+_AVX2_RUN = """
+import json, sys
+import numpy as np, jax, jax.numpy as jnp
+from lmjax.quant import cpu_build, cpu_int4, cpu_int8, packed_int4
+assert cpu_int4.available() and cpu_int8.available()
+data = np.load(sys.argv[1])
+f4 = jax.jit(lambda x, b, s: cpu_int4.matmul_t(
+    x, b, s, lambda x, b, s: x @ packed_int4.dequantized(b, s).T))
+f8 = jax.jit(lambda x, w, s: cpu_int8.matmul_t(
+    x, w, s, lambda x, w, s: x @ (w.astype(jnp.float32) * s).T))
+a4, a8 = (data[n] for n in ("x4", "b4", "s4")), (data[n] for n in ("x8", "w8", "s8"))
+a4, a8 = tuple(a4), tuple(a8)
+assert cpu_int4.TARGET in f4.lower(*a4).as_text() and cpu_int8.TARGET in f8.lower(*a8).as_text()
+np.savez(sys.argv[2], int4=np.asarray(f4(*a4)), int8=np.asarray(f8(*a8)))
+print(json.dumps([cpu_build.build(n).name for n in ("cpu_int4", "cpu_int8")]))
+"""
+
+
+@pytest.mark.slow
+def test_avx2_build_equals_float64_reference(tmp_path):
+  """The kernels built for a CPU without AVX-512 or VNNI (`-march=haswell`: vpmaddubsw, 256-bit
+  vectors; a separate cached library), in a fresh process, against the float64 references."""
+  rng = np.random.default_rng(7)
+  b4 = rng.integers(0, 256, (19, 288), dtype=np.uint8)
+  s4 = np.stack([rng.random((19, 18)) / 50 + 1e-3, rng.standard_normal((19, 18)) / 20],
+                -1).astype(np.float32)
+  x4 = _inputs(3, 576, 32, 7)
+  x8, w8, s8 = _int8_case(5, 23, 96, 8)
+  np.savez(tmp_path / "in.npz", x4=x4, b4=b4, s4=s4, x8=x8, w8=w8, s8=s8)
+  env = dict(os.environ, LMJAX_CPU_MARCH="haswell")
+  done = subprocess.run([sys.executable, "-c", _AVX2_RUN, str(tmp_path / "in.npz"),
+                         str(tmp_path / "out.npz")], env=env, capture_output=True, text=True,
+                        cwd=Path(__file__).resolve().parents[2])
+  assert done.returncode == 0, done.stderr[-3000:]
+  built = json.loads(done.stdout.strip().splitlines()[-1])
+  assert not {cpu_build.build(n).name for n in ("cpu_int4", "cpu_int8")} & set(built)
+  out = np.load(tmp_path / "out.npz")
+  for got, (want, size) in ((out["int4"], _np_product(x4, b4, s4)),
+                            (out["int8"], _np_product8(x8, w8, s8))):
+    assert np.all(np.abs(np.asarray(got, np.float64) - want) <= 2e-6 * size + 1e-30)
+
+
 def _xla_loop(x, b, s):
   return packed_int4._xla_matmul_t(x, b, s, len(x) == 1, packed._flat_copy)
 
@@ -108,41 +208,20 @@ def _model():
   return model, random_params(model, (tokens(0, 1, 8),), 0)
 
 
-def _round_groups(x, k, group=32):
-  """`x [..., inputs]` (the last `k` dims are inputs) rounded to int8 per group, in jnp."""
-  flat = x.reshape(-1, math.prod(x.shape[x.ndim - k:]))
-  g = flat.reshape(len(flat), -1, group)
-  s = jnp.max(jnp.abs(g), axis=-1, keepdims=True) / 127
-  return (jnp.round(g / jnp.where(s > 0, s, 1.0)) * s).reshape(x.shape)
-
-
-def _reference(model, weights, toks):
-  """`model.apply` on the dequantized weights with each projection's input rounded per row
-  (token) and group of 32, no cache, over all of `toks`: the logits `[T, V]` (causal: row t
-  is what decoding computes after token t, rounding row by row as the kernel does)."""
-  def round_input(next_fun, args, kwargs, context):
-    m = context.module
-    if packed.module_role(m, context.method_name) == "einsum":
-      args = (_round_groups(args[0], project_split(m.eqn)),) + args[1:]
-    return next_fun(*args, **kwargs)
-  def apply(w, t):
-    with nn.intercept_methods(round_input):
-      return model.apply({"params": w}, t)
-  return np.asarray(jax.jit(apply)(weights, jnp.asarray([toks]))[0], np.float64)
-
-
 def test_decoding_equals_rounded_input_reference():
   model, params = _model()
   pk = packed.pack(model, params, "int4", activations="int8")  # groups of 32: the kernel's
   weights = packed_int4.unpack(pk)
   prompt, n = [5, 6, 7, 8, 9], 10
   step = jax.jit(lambda p, t: packed.apply(model, p, t))
-  assert cpu_int4.TARGET in step.lower(pk, tokens(0, 1, 1)).as_text()  # the kernel, not XLA's
+  lowered = step.lower(pk, tokens(0, 1, 1)).as_text()  # the kernels, not XLA's loops
+  assert cpu_int4.TARGET in lowered and cpu_int8.TARGET in lowered  # (cpu_int8: the head)
   out = infer.generate(model, pk, [prompt], max_new_tokens=n, ignore_eos=True,
                        return_logits=True)
   # The prompt's 5 rows also go through the kernel (a few rows); the reference rounds each
-  # projection's input per row and group wherever it has fewer than 17 rows: all of them here.
-  want = _reference(model, weights, prompt + out.tokens[0])[len(prompt) - 1:-1]
+  # projection's input (the int8 embedding's head too: `cpu_int8`) per row and group of 32.
+  want = np.asarray(rounded_apply(model, weights, jnp.asarray([prompt + out.tokens[0]]),
+                                  group=32)[0, len(prompt) - 1:-1], np.float64)
   got = np.asarray(out.logits[0], np.float64)
   assert out.tokens[0] == list(want.argmax(-1)) and len(set(out.tokens[0])) > 1
   np.testing.assert_allclose(got, want, atol=2e-4)
@@ -169,5 +248,5 @@ def test_where_it_applies_and_a_failed_build(monkeypatch, tmp_path):
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
   monkeypatch.setenv("CXX", "false")
   with pytest.raises(RuntimeError, match="false failed"):
-    cpu_int4._build()
+    cpu_build.build("cpu_int4")
   assert not list(tmp_path.rglob("*.so"))  # nothing half-built left for the next run

@@ -74,12 +74,12 @@ class PackedParams:
     packed: `(path, inputs, leading, shape)` of each packed kernel: its path in `tree`, how
       many of the model's kernel dims are inputs, how many leading dims are stacked layers
       (scan), and the model's kernel shape (leading dims included).
-    activations: None (weight-only: float32 activations), or "int8": products of up to
-      `lmjax.quant.cpu_int4.MAX_ROWS` rows round their inputs to int8 per group of 32
-      (`lmjax.quant.cpu_int8` for int8 codes with one scale per output, `cpu_int4` for int4);
-      fmt "int8": products of at least `lmjax.quant.packed_int.INT8_ACT_MIN_ROWS` rows
-      quantize their input rows to int8 and multiply in int32
-      (`lmjax.quant.packed_int.matmul_int8_act`).
+    activations: None (weight-only: float32 activations), or "int8". fmt "int8": products of
+      at least `lmjax.quant.packed_int.INT8_ACT_MIN_ROWS` rows quantize their input rows to
+      int8 and multiply in int32 (`lmjax.quant.packed_int.matmul_int8_act`), products of 2 to
+      16 rows round their inputs per group of 32 (`lmjax.quant.cpu_int8`). fmt "int4":
+      products of up to `lmjax.quant.cpu_int4.MAX_ROWS` rows round their inputs to int8 per
+      group (`lmjax.quant.cpu_int4`).
   """
 
   tree: Any
@@ -156,13 +156,14 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16",
       (exact), "int8" (`lmjax.quant.packed_int`), "int4" or "nf4" (`lmjax.quant.packed_int4`:
       two codes per byte, a scale per 32 (nf4: 64) inputs, the embedding int8).
     activations: None (weight-only), or "int8": inputs rounded to int8 where that is faster.
-      Products of up to 16 rows (decoding, speculative checks) round their inputs per group
-      of 32 and take integer dot products on a CPU (as llama.cpp's Q8_0 x Q8_0 and Q4 x Q8:
-      `lmjax.quant.cpu_int8` for int8 weights with one scale per output and int4's int8
-      embedding head, `lmjax.quant.cpu_int4` for int4; elsewhere the same rounded inputs
-      through XLA). fmt "int8": prefill-sized products (`lmjax.quant.packed_int.
-      INT8_ACT_MIN_ROWS` rows or more) quantize their inputs per row and multiply int8 x int8
-      in int32; fmt "int4": those stay weight-only.
+      fmt "int8": prefill-sized products (`lmjax.quant.packed_int.INT8_ACT_MIN_ROWS` rows or
+      more) quantize their inputs per row and multiply int8 x int8 in int32; products of 2 to
+      16 rows (speculative checks, small batches) round their inputs per group of 32 and take
+      integer dot products (`lmjax.quant.cpu_int8`, as llama.cpp's Q8_0 x Q8_0); one row
+      (batch-1 decoding) stays weight-only. fmt "int4": products of up to `lmjax.quant.
+      cpu_int4.MAX_ROWS` rows (decoding) round their inputs per group and take integer dot
+      products (`lmjax.quant.cpu_int4`, W4A8 as llama.cpp's Q4 x Q8); more rows (a prompt)
+      and the int8 embedding's head stay weight-only.
 
   Returns:
     `PackedParams`: every projection matrix transposed to `[outputs..., inputs...]` and
@@ -203,9 +204,10 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16",
   return PackedParams(unflatten_dict(out), fmt, tuple(packed))
 
 
-# What int8 activations mean per format: decoding's products (up to 16 rows) rounded per
-# group of 32 (`lmjax.quant.cpu_int8` / `cpu_int4`); prompts: int8 weights per-row int8 x int8
-# (the int8 embedding's head included), int4 weights weight-only.
+# What int8 activations mean per format: int8 weights, int8 x int8 per row for prompts and
+# per group of 32 for 2-16 rows (`lmjax.quant.cpu_int8`; the int8 embedding's head included),
+# one row weight-only; int4 weights, the 4-bit products of up to 16 rows rounded per group
+# (`lmjax.quant.cpu_int4`), prompts (and the int8 head) weight-only.
 _ACTS = {"int8": "w8a8", "int4": "w4a8"}
 
 
@@ -254,8 +256,11 @@ def _matmul_t(x: Array, w: Array, scale: Array | None = None, acts: str | None =
     from lmjax.quant import cpu_int8, packed_int
     if acts == "w8a8" and x.shape[0] >= packed_int.INT8_ACT_MIN_ROWS:  # a prompt: per row
       return packed_int.matmul_int8_act(x, w, scale)
-    if (x.shape[0] <= cpu_int8.MAX_ROWS and x.shape[1] % cpu_int8.GROUP == 0
-        and scale.shape[-1] == 1):  # decoding: per group of 32 inputs, integer dot products
+    if (acts == "w8a8" and MAX_STREAMED_ROWS < x.shape[0] <= cpu_int8.MAX_ROWS
+        and x.shape[1] % cpu_int8.GROUP == 0 and scale.shape[-1] == 1):
+      # A few rows (speculative checks, small batches): per group of 32 inputs, integer dot
+      # products. One row (batch-1 decoding) stays weight-only: XLA's streamed loop reads
+      # int8 rows from memory faster than the kernel (`lmjax.quant.cpu_int8`).
       return cpu_int8.matmul_t(x, w, scale, functools.partial(_matmul_t, acts=None))
   if w.dtype == jnp.uint8:  # int4 / nf4: two codes per byte
     from lmjax.quant import packed_int4

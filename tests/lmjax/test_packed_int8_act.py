@@ -1,7 +1,8 @@
 """int8 activations on packed int8 weights (`lmjax.packed.pack(..., "int8", activations="int8")`):
 the int8 x int8 product against float64 numpy, the forward against the model run on
 dequantized weights with each projection's input rounded per row (prompts) or per group of
-32 (decoding: `lmjax.quant.cpu_int8`), bad inputs, and SmolLM2's logits against float32."""
+32 (2-16 rows: `lmjax.quant.cpu_int8`), one-row decoding unchanged, bad inputs, and SmolLM2's
+logits against float32."""
 
 import gzip
 import importlib.util
@@ -102,9 +103,9 @@ def test_forward_equals_fake_quantized_reference(scan, tie, per_output):
   # rounding tie); the activation rounding itself moves the logits ~30x more.
   np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
   assert np.abs(plain - want).max() > 30 * np.abs(got - want).max()
-  # One row fewer than INT8_ACT_MIN_ROWS (decoding, speculative checks): inputs rounded per
-  # group of 32 where the kernel has one scale per output (`lmjax.quant.cpu_int8`), the
-  # other projections (a scale per head and output) weight-only.
+  # One row fewer than INT8_ACT_MIN_ROWS (2-16 rows: speculative checks, small batches):
+  # inputs rounded per group of 32 where the kernel has one scale per output
+  # (`lmjax.quant.cpu_int8`), the other projections (a scale per head and output) weight-only.
   short = tokens(2, 1, ROWS - 1)
   want = rounded_apply(model, weights, short, group=32, rounds=_per_output(pk))
   got = np.asarray(jax.jit(lambda p, t: packed.apply(model, p, t))(pk, short))
@@ -113,31 +114,40 @@ def test_forward_equals_fake_quantized_reference(scan, tie, per_output):
       np.abs(got - want).max())
 
 
-def test_decoding_rounds_per_group_and_prompts_per_row():
+def _greedy_steps(model, p, cache, token, n):
+  """`n` one-token steps from `cache`: the logits of each (`[n, V]`)."""
+  step = jax.jit(lambda p, t, c: packed.apply(model, p, t, cache=c))
+  out = []
+  for _ in range(n):
+    logits, cache = step(p, token, cache)
+    out.append(np.asarray(logits[0, -1]))
+    token = jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32)
+  return np.stack(out)
+
+
+def test_decoding_is_weight_only():
   model, params = _model(False, True, seed=3)
   weight_only = packed.pack(model, params, "int8")
   pk = packed.pack(model, params, "int8", activations="int8")
-  weights = packed.unpack(weight_only)
-  # A short prompt (its bucket of 16 rows) and each decoding step: inputs rounded per group of
-  # 32 (`lmjax.quant.cpu_int8`), row by row, so the reference runs the whole sequence at once.
-  prompt, n = [5, 6, 7, 8, 9], 10
-  out = infer.generate(model, pk, [prompt], max_new_tokens=n, ignore_eos=True,
-                       return_logits=True, eos_id=0)
-  want = rounded_apply(model, weights, jnp.asarray([prompt + out.tokens[0]]),
-                       group=32)[0, len(prompt) - 1:-1]
-  got = np.asarray(out.logits[0])
-  assert out.tokens[0] == list(want.argmax(-1)) and len(set(out.tokens[0])) > 1
-  np.testing.assert_allclose(got, want, atol=2e-4)
-  plain = infer.generate(model, weight_only, [prompt], max_new_tokens=n, ignore_eos=True,
+  prompt = tokens(4, 1, ROWS)
+  cache = lmjax.init_cache(model.config, 1, 48)
+  prefill = jax.jit(lambda p, t, c: packed.apply(model, p, t, cache=c, prefill=True))
+  logits, cache = prefill(pk, prompt, cache)
+  token = jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32)
+  # One-token steps from the same cache: bit for bit the weight-only reader's.
+  np.testing.assert_array_equal(_greedy_steps(model, pk, cache, token, 12),
+                                _greedy_steps(model, weight_only, cache, token, 12))
+  # infer.generate: its prompt (padded to >= 16 rows) is prefilled with int8 activations, so
+  # the first token's logits are the int8-activation forward's, not the weight-only one's.
+  long = [int(i) for i in prompt[0]]
+
+  def first_logits(p):
+    out = infer.generate(model, p, [long], max_new_tokens=4, ignore_eos=True, add_bos=False,
                          return_logits=True, eos_id=0)
-  assert np.abs(np.asarray(plain.logits[0]) - want).max() > 10 * np.abs(got - want).max()
-  # A prompt of at least INT8_ACT_MIN_ROWS rows is prefilled per row (W8A8), so its first
-  # token's logits are the per-row forward's.
-  long = [int(i) for i in tokens(4, 1, ROWS)[0]]
-  first = infer.generate(model, pk, [long], max_new_tokens=2, ignore_eos=True, add_bos=False,
-                         return_logits=True, eos_id=0)
-  want = rounded_apply(model, weights, jnp.asarray([long]))[0, -1]
-  np.testing.assert_allclose(np.asarray(first.logits[0][0]), want, atol=2e-4, rtol=1e-4)
+    return np.asarray(out.logits[0][0])
+  want = np.asarray(packed.apply(model, pk, prompt)[0, -1])
+  np.testing.assert_allclose(first_logits(pk), want, atol=1e-4, rtol=1e-4)
+  assert np.abs(first_logits(weight_only) - want).max() > 1e-3
 
 
 @pytest.mark.parametrize("fmt, activations", [("bfloat16", "int8"), ("float32", "int8"),

@@ -69,7 +69,7 @@ def test_step_wider_than_the_cache_raises(use_jit):
 
 def _prefilled(cfg, model, p, prompts, seg, size):
   cache = lmjax.init_cache(cfg, prompts.shape[0], size)
-  _, cache = model.apply({"params": p}, prompts, segment_ids=seg, cache=cache, prefill=True)
+  _, cache = _call(model, True, prefill=True)(p, prompts, segment_ids=seg, cache=cache)
   return cache
 
 
@@ -80,6 +80,9 @@ def test_cache_overflow_gives_nan_rows_only(scan):
   cfg = tiny(scan_layers=scan)
   x = tokens(4, 3, 9)
   model, p = init(cfg, x)
+  # The no-cache recompute of all 9 tokens of every row, compiled once (causal: position i's
+  # logits see tokens <= i only, so each prefix's logits are these).
+  ref = _call(model, True)(p, x)
   seg = jnp.array([[1] * 3 + [0] * 3, [1] * 6, [1] * 5 + [0]])
   cache = _prefilled(cfg, model, p, x[:, :6] * seg, seg, 8)
   step_seg = jnp.array([[1, 1, 1], [1, 1, 1], [1, 1, 1]])
@@ -88,19 +91,19 @@ def test_cache_overflow_gives_nan_rows_only(scan):
   got, new = run(p, nxt, step_seg, cache)
   assert np.isnan(got[1]).all(), "the overflowing row must be all NaN"
   assert np.isfinite(np.asarray(got)[[0, 2]]).all()
-  np.testing.assert_allclose(got[0], model.apply({"params": p}, x[:1, :6])[0, 3:6], **TOL)
-  np.testing.assert_allclose(got[2], model.apply({"params": p}, x[2:3, :8])[0, 5:8], **TOL)
+  np.testing.assert_allclose(got[0], ref[0, 3:6], **TOL)
+  np.testing.assert_allclose(got[2], ref[2, 5:8], **TOL)
   np.testing.assert_array_equal(new.lengths, [6, 9, 8])  # tokens taken: row 1 passed 8
   np.testing.assert_array_equal(new.overflowed, [False, True, False])
   # Padding past the end is not an overflow; the row's real tokens fit.
   got2, _ = run(p, nxt, jnp.array([[1, 1, 1], [1, 1, 0], [1, 1, 1]]), cache)
   assert np.isfinite(got2).all()
-  np.testing.assert_allclose(got2[1, :2], model.apply({"params": p}, x[1:2, :8])[0, 6:8], **TOL)
+  np.testing.assert_allclose(got2[1, :2], ref[1, 6:8], **TOL)
   # Once overflowed, every later step of that row stays NaN; the others go on.
   step, _ = run(p, jnp.stack([x[0, 6:7], x[1, 0:1], x[2, 0:1]]), jnp.ones((3, 1), jnp.int32),
                 new)
   assert np.isnan(step[1]).all() and np.isnan(step[2]).all()  # row 2 was full: 9 > 8
-  np.testing.assert_allclose(step[0, 0], model.apply({"params": p}, x[:1, :7])[0, 6], **TOL)
+  np.testing.assert_allclose(step[0, 0], ref[0, 6], **TOL)
 
 
 def test_prefill_overflow_gives_nan_rows_only():
@@ -112,7 +115,7 @@ def test_prefill_overflow_gives_nan_rows_only():
   cache = lmjax.init_cache(cfg, 2, 6).replace(lengths=jnp.array([1, 2]))  # 1 + 6 > 6; 2 + 4 fits
   got, _ = model.apply({"params": p}, x * seg, segment_ids=seg, cache=cache, prefill=True)
   assert np.isnan(got[0]).all()
-  np.testing.assert_allclose(got[1, :4], model.apply({"params": p}, x[1:2, :4])[0], **TOL)
+  np.testing.assert_allclose(got[1, :4], _call(model, True)(p, x[1:2, :4])[0], **TOL)
 
 
 def test_learned_position_overflow_gives_nan_rows_only():
@@ -126,12 +129,11 @@ def test_learned_position_overflow_gives_nan_rows_only():
   seg = jnp.ones((2, 6), jnp.int32)
   got = run(p, x, pos, seg)
   assert np.isnan(got[1]).all(), "every logit of the row must be NaN, not just past the table"
-  np.testing.assert_allclose(got[0], model.apply({"params": p}, x[:1], positions=pos[:1])[0],
-                             **TOL)
+  ref = _call(model, True)  # the in-range rows alone (no overflow in the call), compiled
+  np.testing.assert_allclose(got[0], ref(p, x[:1], positions=pos[:1])[0], **TOL)
   got = run(p, x, pos, jnp.array([[1] * 6, [1] * 4 + [0] * 2]))  # 16, 17 are padding now
   assert np.isfinite(got).all()
-  np.testing.assert_allclose(got[1, :4], model.apply({"params": p}, x[1:2, :4],
-                                                     positions=pos[1:2, :4])[0], **TOL)
+  np.testing.assert_allclose(got[1, :4], ref(p, x[1:2, :4], positions=pos[1:2, :4])[0], **TOL)
   # Packed segments restart their positions: one segment longer than the table overflows.
   long = jnp.array([[1] * 9 + [2] * 9, [1] * 17 + [2]])
   got = run(p, tokens(7, 2, 18), None, long)
@@ -140,15 +142,14 @@ def test_learned_position_overflow_gives_nan_rows_only():
   mmodel, mp = init(masked, x)
   got = mmodel.apply({"params": mp}, x, positions=pos)
   assert np.isnan(got[1]).all()
-  np.testing.assert_allclose(got[0], mmodel.apply({"params": mp}, x[:1], positions=pos[:1])[0],
-                             **TOL)
+  np.testing.assert_allclose(got[0], _call(mmodel, True)(mp, x[:1], positions=pos[:1])[0], **TOL)
   # A cache larger than the table: the step at position 16 is NaN, the row at 15 is not.
   y = tokens(8, 2, 17)
   seg = jnp.array([[1] * 16, [1] * 15 + [0]])
   cache = _prefilled(cfg, model, p, y[:, :16] * seg, seg, 32)
   got, _ = model.apply({"params": p}, jnp.stack([y[0, 16:17], y[1, 15:16]]), cache=cache)
   assert np.isnan(got[0]).all()
-  np.testing.assert_allclose(got[1, 0], model.apply({"params": p}, y[1:2, :16])[0, 15], **TOL)
+  np.testing.assert_allclose(got[1, 0], ref(p, y[1:2, :16])[0, 15], **TOL)
 
 
 def test_seq2seq_overflow_gives_nan_rows_only():
@@ -161,7 +162,7 @@ def test_seq2seq_overflow_gives_nan_rows_only():
                          cache=cache, prefill=True)
   got, cache = model.apply({"params": p}, None, dec[:, 3:5], cache=cache)  # row 0: 3 + 2 > 4
   assert np.isnan(got[0]).all()
-  ref = model.apply({"params": p}, enc[1:], jnp.concatenate([dec[1:, :2], dec[1:, 3:5]], 1))
+  ref = _call(model, True)(p, enc[1:], jnp.concatenate([dec[1:, :2], dec[1:, 3:5]], 1))
   np.testing.assert_allclose(got[1], ref[0, 2:], **TOL)
   # An encoder row whose (packed, traced) positions pass the table: that row's logits are NaN.
   eseg = jnp.array([[1] * 5, [1] * 5])
@@ -170,7 +171,7 @@ def test_seq2seq_overflow_gives_nan_rows_only():
                                                     encoder_segment_ids=es))
   got = run(p, enc, dec, epos, eseg)
   assert np.isnan(got[1]).all()
-  np.testing.assert_allclose(got[0], model.apply({"params": p}, enc[:1], dec[:1])[0], **TOL)
+  np.testing.assert_allclose(got[0], _call(model, True)(p, enc[:1], dec[:1])[0], **TOL)
 
 
 def test_checked_raises_with_row_and_limit():
@@ -189,7 +190,7 @@ def test_checked_raises_with_row_and_limit():
   assert err.get() is not None and "row 2" in err.get() and "max_len=8" in err.get()
   ok = cache.replace(lengths=jnp.array([2, 7, 6]))
   got, _ = apply({"params": p}, x[:, :1], cache=ok)
-  want, _ = model.apply({"params": p}, x[:, :1], cache=ok)
+  want, _ = _call(model, True)(p, x[:, :1], cache=ok)
   np.testing.assert_allclose(got, want, **TOL)
 
 

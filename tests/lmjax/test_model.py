@@ -11,6 +11,11 @@ from tests.lmjax.helpers import init, tiny, tokens
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
+def _jit(model, **static):
+  """`model.apply` under `jax.jit` (one compile, not one per op), static keywords closed over."""
+  return jax.jit(lambda p, *a, **kw: model.apply({"params": p}, *a, **static, **kw))
+
+
 @pytest.mark.parametrize("family", ["causal", "seq2seq"])
 @pytest.mark.parametrize("use_jit", [False, True])
 def test_causality_by_perturbation(family, use_jit):
@@ -78,11 +83,12 @@ def test_packed_seq2seq_equals_separate():
   cfg = tiny("seq2seq")
   ea, eb, da, db = tokens(2, 1, 6), tokens(3, 1, 4), tokens(4, 1, 5), tokens(5, 1, 3)
   model, p = init(cfg, ea, da)
-  out = model.apply({"params": p}, jnp.concatenate([ea, eb], 1), jnp.concatenate([da, db], 1),
-                    encoder_segment_ids=jnp.array([[1] * 6 + [2] * 4]),
-                    decoder_segment_ids=jnp.array([[1] * 5 + [2] * 3]))
-  np.testing.assert_allclose(out[:, :5], model.apply({"params": p}, ea, da), **TOL)
-  np.testing.assert_allclose(out[:, 5:], model.apply({"params": p}, eb, db), **TOL)
+  run = _jit(model)
+  out = run(p, jnp.concatenate([ea, eb], 1), jnp.concatenate([da, db], 1),
+            encoder_segment_ids=jnp.array([[1] * 6 + [2] * 4]),
+            decoder_segment_ids=jnp.array([[1] * 5 + [2] * 3]))
+  np.testing.assert_allclose(out[:, :5], run(p, ea, da), **TOL)
+  np.testing.assert_allclose(out[:, 5:], run(p, eb, db), **TOL)
 
 
 @pytest.mark.parametrize("family", ["causal", "masked", "seq2seq"])
@@ -109,12 +115,13 @@ def test_cache_matches_full_forward_causal(scan, prefill):
   cfg = tiny(scan_layers=scan)
   x = tokens(6, 2, 10)
   model, p = init(cfg, x)
-  full = model.apply({"params": p}, x)
+  full = _jit(model)(p, x)
   cache = lmjax.init_cache(cfg, 2, 16)
-  logits, cache = model.apply({"params": p}, x[:, :4], cache=cache, prefill=prefill)
+  logits, cache = _jit(model, prefill=prefill)(p, x[:, :4], cache=cache)
   steps = [logits]
+  step = _jit(model)
   for t in range(4, 10):
-    lt, cache = model.apply({"params": p}, x[:, t:t + 1], cache=cache)
+    lt, cache = step(p, x[:, t:t + 1], cache=cache)
     steps.append(lt)
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(cache.lengths, [10, 10])
@@ -128,12 +135,14 @@ def test_cache_rows_at_different_lengths():
   prompts = jnp.concatenate([a[:, :6].at[:, 3:].set(0), b[:, :6]], axis=0)
   seg = jnp.array([[1, 1, 1, 0, 0, 0], [1] * 6])
   cache = lmjax.init_cache(cfg, 2, 12)
-  _, cache = model.apply({"params": p}, prompts, segment_ids=seg, cache=cache, prefill=True)
+  _, cache = _jit(model, prefill=True)(p, prompts, segment_ids=seg, cache=cache)
   np.testing.assert_array_equal(cache.lengths, [3, 6])
   nxt = jnp.concatenate([a[:, 3:4], b[:, 6:7]], axis=0)
-  step, cache = model.apply({"params": p}, nxt, cache=cache)
-  np.testing.assert_allclose(step[0, 0], model.apply({"params": p}, a[:, :4])[0, 3], **TOL)
-  np.testing.assert_allclose(step[1, 0], model.apply({"params": p}, b[:, :7])[0, 6], **TOL)
+  step, cache = _jit(model)(p, nxt, cache=cache)
+  # No-cache recomputes of the whole rows (causal: position i sees tokens <= i only).
+  ref = _jit(model)(p, jnp.concatenate([a, b], axis=0))
+  np.testing.assert_allclose(step[0, 0], ref[0, 3], **TOL)
+  np.testing.assert_allclose(step[1, 0], ref[1, 6], **TOL)
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -141,12 +150,13 @@ def test_cache_matches_full_forward_seq2seq(scan):
   cfg = tiny("seq2seq", scan_layers=scan)
   enc, dec = tokens(9, 2, 7), tokens(10, 2, 6)
   model, p = init(cfg, enc, dec)
-  full = model.apply({"params": p}, enc, dec)
+  run = _jit(model)
+  full = run(p, enc, dec)
   cache = lmjax.init_cache(cfg, 2, 8, encoder_len=7)
-  logits, cache = model.apply({"params": p}, enc, dec[:, :2], cache=cache)
+  logits, cache = run(p, enc, dec[:, :2], cache=cache)
   steps = [logits]
   for t in range(2, 6):
-    lt, cache = model.apply({"params": p}, None, dec[:, t:t + 1], cache=cache)
+    lt, cache = run(p, None, dec[:, t:t + 1], cache=cache)
     steps.append(lt)
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
 
@@ -186,13 +196,14 @@ def test_repeat_rows_repeats_each_row_in_place():
     cfg = tiny(scan_layers=scan)
     x = tokens(14, 2, 5)
     model, p = init(cfg, x)
-    _, cache = model.apply({"params": p}, x, cache=lmjax.init_cache(cfg, 2, 8), prefill=True)
+    _, cache = _jit(model, prefill=True)(p, x, cache=lmjax.init_cache(cfg, 2, 8))
     rep = cache.repeat_rows(3)
     np.testing.assert_array_equal(rep.lengths, [5] * 6)
     nxt = jnp.repeat(x[:, -1:], 3, axis=0)
-    got, _ = model.apply({"params": p}, nxt, cache=rep)
+    step = _jit(model)
+    got, _ = step(p, nxt, cache=rep)
     # Row 3 (a copy of row 1) continues row 1's cache, not row 0's.
-    ref, _ = model.apply({"params": p}, x[:, -1:], cache=cache)
+    ref, _ = step(p, x[:, -1:], cache=cache)
     np.testing.assert_allclose(got[::3], ref, **TOL)
     np.testing.assert_allclose(got[1::3], ref, **TOL)
     np.testing.assert_allclose(got[2::3], ref, **TOL)
@@ -205,8 +216,7 @@ def test_bfloat16_cached_decode_matches_float32():
   model32, p = init(cfg, x)
   cfg16 = cfg.replace(dtype="bfloat16")
   model16 = lmjax.CausalLM(cfg16)
-  _, cache = model16.apply({"params": p}, x[:, :5], cache=lmjax.init_cache(cfg16, 8, 8),
-                           prefill=True)
-  step, _ = model16.apply({"params": p}, x[:, 5:], cache=cache)
+  _, cache = _jit(model16, prefill=True)(p, x[:, :5], cache=lmjax.init_cache(cfg16, 8, 8))
+  step, _ = _jit(model16)(p, x[:, 5:], cache=cache)
   assert step.dtype == jnp.float32
-  np.testing.assert_allclose(step[:, 0], model32.apply({"params": p}, x)[:, 5], atol=0.05)
+  np.testing.assert_allclose(step[:, 0], _jit(model32)(p, x)[:, 5], atol=0.05)

@@ -79,10 +79,13 @@ def test_packed_int4_forward_equals_dequantized_model(scan, tie, kw, fmt):
   assert pk.fmt == ("nf4" if fmt == "nf4" else "int4")
   ref = _dequantized_reference(model, params, GROUP, fmt)
   # One row (the streamed nibble halves), a few rows (lmjax.packed_rows), many rows (a matmul).
+  # Each compiled once per shape (eagerly every op would compile on its own).
+  run_ref = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  run_packed = jax.jit(lambda p, x: packed.apply(model, p, x))
   for b, t in ((1, 1), (1, 5), (3, 8)):
     x = tokens(1, b, t)
-    want = np.asarray(model.apply({"params": ref}, x), np.float64)
-    got = np.asarray(packed.apply(model, pk, x), np.float64)
+    want = np.asarray(run_ref(ref, x), np.float64)
+    got = np.asarray(run_packed(pk, x), np.float64)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   # Layout: two codes per byte, output-major, a scale per group of GROUP inputs.
   for path, *_ in pk.packed:

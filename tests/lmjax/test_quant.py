@@ -79,14 +79,15 @@ def _np_dequantized(model, params, fmt, group):
 def test_quantized_forward_equals_dequantized_reference(fmt, group, scan, tie):
   cfg, model, params = _tiny(scan, tie)
   t = tokens(1, 2, 8)
-  float_logits = model.apply({"params": params}, t)
-  got = quant.apply(model, quant.quantize(model, params, fmt, group), t)
+  run = jax.jit(lambda p, t: model.apply({"params": p}, t))  # one compile, not one per op
+  float_logits = run(params, t)
+  got = jax.jit(lambda q, t: quant.apply(model, q, t))(quant.quantize(model, params, fmt, group),
+                                                       t)
   if fmt != "nf4":  # the numpy reference covers int8/int4
     ref_params, _ = _np_dequantized(model, params, fmt, group)
-    np.testing.assert_allclose(got, model.apply({"params": ref_params}, t), atol=2e-3)
+    np.testing.assert_allclose(got, run(ref_params, t), atol=2e-3)
   else:
-    ref = model.apply({"params": quant.dequantize_params(quant.quantize(model, params, fmt,
-                                                                        group))}, t)
+    ref = run(quant.dequantize_params(quant.quantize(model, params, fmt, group)), t)
     np.testing.assert_allclose(got, ref, atol=2e-5)
   err = float(jnp.abs(got - float_logits).max()) / float(jnp.abs(float_logits).max())
   assert err < {"int8": 0.02, "int4": 1.0, "nf4": 1.0}[fmt]  # unit-scale random weights
@@ -122,8 +123,8 @@ def test_qat_forward_is_ptq_and_gradient_passes_through(fmt, group):
   cfg, model, params = _tiny(tie=True)
   t = tokens(3, 2, 8)
   with qat.training(fmt, group):
-    qat_logits = model.apply({"params": params}, t)
-  ptq = quant.apply(model, quant.quantize(model, params, fmt, group), t)
+    qat_logits = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, t)
+  ptq = jax.jit(lambda q, t: quant.apply(model, q, t))(quant.quantize(model, params, fmt, group), t)
   np.testing.assert_allclose(qat_logits, ptq, atol=1e-5)
   # The estimator: d fake_quant(w) / dw = identity, so grads equal those of w itself.
   w = jax.random.normal(jax.random.key(4), (16, 24))
@@ -134,9 +135,9 @@ def test_qat_forward_is_ptq_and_gradient_passes_through(fmt, group):
   def loss(p):
     with qat.training(fmt, group):
       return jnp.mean(model.apply({"params": p}, t) ** 2)
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)  # compiled: eager grads run op by op
   deq = quant.dequantize_params(quant.quantize(model, params, fmt, group))
-  ref = jax.grad(lambda p: jnp.mean(model.apply({"params": p}, t) ** 2))(deq)
+  ref = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, t) ** 2)))(deq)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
     assert float(jnp.abs(a).max()) > 0
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)

@@ -93,11 +93,18 @@ def stack_layers(params, n):
   return {**params, "decoder": dec}
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots", "dots_no_batch"])
-def test_scan_and_remat_match_unrolled(remat):
+@pytest.fixture(scope="module")
+def unrolled():
+  """The unrolled model without remat: its params, loss and gradients (computed once)."""
   x = tokens(3, 2, 12)
   base_model, params = init(tiny(), x)
-  want, want_g = jax.value_and_grad(lambda p: loss_fn(base_model, p, x))(params)
+  want, want_g = jax.jit(jax.value_and_grad(lambda p: loss_fn(base_model, p, x)))(params)
+  return x, params, want, want_g
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots", "dots_no_batch"])
+def test_scan_and_remat_match_unrolled(remat, unrolled):
+  x, params, want, want_g = unrolled
   for scan in (False, True):
     cfg = tiny(scan_layers=scan, remat_policy=remat)
     model = lmjax.CausalLM(cfg)

@@ -235,10 +235,4 @@ ffi::Error Int4MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LmjaxInt4MatmulT, Int4MatmulT,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+LMJAX_CPU_MATMUL_HANDLER(LmjaxInt4MatmulT, Int4MatmulT, ffi::U8);

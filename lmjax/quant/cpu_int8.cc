@@ -166,10 +166,4 @@ ffi::Error Int8MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LmjaxInt8MatmulT, Int8MatmulT,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+LMJAX_CPU_MATMUL_HANDLER(LmjaxInt8MatmulT, Int8MatmulT, ffi::S8);

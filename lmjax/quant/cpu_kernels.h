@@ -149,3 +149,14 @@ void ForAll(ffi::ThreadPool& pool, int64_t m, int64_t n, F rows) {
 }
 
 }  // namespace lmjax_cpu
+
+// Defines the FFI handler `symbol` of `fn(pool, x [M, K] f32, weights, scale f32) -> y [M, N]
+// f32`, the weights' element type `weight_type` (an `xla::ffi` data type).
+#define LMJAX_CPU_MATMUL_HANDLER(symbol, fn, weight_type)                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, fn,                                 \
+                                ::xla::ffi::Ffi::Bind()                     \
+                                    .Ctx<::xla::ffi::ThreadPool>()          \
+                                    .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()   \
+                                    .Arg<::xla::ffi::Buffer<weight_type>>()       \
+                                    .Arg<::xla::ffi::Buffer<::xla::ffi::F32>>()   \
+                                    .Ret<::xla::ffi::Buffer<::xla::ffi::F32>>())

@@ -1,18 +1,21 @@
-"""Few-token forward passes of packed SmolLM2-135M with a KV cache: `lmjax.packed_rows` vs before.
+"""Few-token forward passes of packed SmolLM2-135M with a KV cache: the few-row paths vs before.
 
 Speculative decoding's verify step runs the target on k + 1 tokens over its cache; batch-1
 decoding runs it on one. Each row of the table is one jitted forward of T tokens (batch 1)
 after a `--context`-token prefill, with the SAME packed weights (`lmjax.packed` float32 and
 bfloat16):
 
-* before: the previous path (`lmjax.packed_rows.limit(1)`: XLA's matmul for T > 1);
-* after: the default (`packed_rows.matmul_t` for 1 < T <= `packed_rows.MAX_ROWS`).
+* before: the previous path (`lmjax.packed_rows.limit(1)`: XLA's matmul for T > 1, XLA's
+  streamed loop for T = 1);
+* reduction: `lmjax.packed_rows.reduction` for 1 < T <= `packed_rows.MAX_ROWS` (XLA's fused
+  reduction; the CPU kernel off while tracing), XLA's streamed loop for T = 1;
+* kernel: the default (`lmjax.quant.cpu_float`'s kernel for 1 <= T <= 16 on an x86-64 CPU).
 
 Reported: milliseconds per forward (the fastest of `--repeats` rounds of `--iters` calls, both
-paths interleaved so a busy machine disturbs both alike), the ratio to the same path's T = 1
-forward, after's speed-up over before, and the weight bytes read per second (packed weight
-bytes / time). The machine's bandwidth (`common.memory_bandwidth`) and load average are
-measured in the same run. Logits of after and before agree (checked, 1e-4).
+paths interleaved so a busy machine disturbs all alike), the ratio to the same path's T = 1
+forward, the kernel's speed-up over before and over the reduction, and the weight bytes read
+per second (packed weight bytes / time). The machine's bandwidth (`common.memory_bandwidth`)
+and load average are measured in the same run. The paths' logits agree (checked, 1e-4).
 
     python benchmarks/packed_rows.py [--tokens 1 2 5 9 16] [--formats float32 bfloat16]
 
@@ -22,6 +25,7 @@ Writes benchmarks/results/packed_rows.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -33,12 +37,26 @@ import numpy as np  # noqa: E402
 
 import lmjax  # noqa: E402
 from lmjax import packed, packed_rows  # noqa: E402
+from lmjax.quant import cpu_float  # noqa: E402
 
 
-def forward(model, rows: int):
-  """A fresh jitted `(packed, tokens, cache) -> logits` traced under `limit(rows)`."""
+@contextlib.contextmanager
+def kernel_off(off: bool):
+  """While tracing: `lmjax.quant.cpu_float` never applies (XLA's paths) when `off`."""
+  real = cpu_float.applies
+  if off:
+    cpu_float.applies = lambda x, w: False
+  try:
+    yield
+  finally:
+    cpu_float.applies = real
+
+
+def forward(model, rows: int, kernel: bool = True):
+  """A fresh jitted `(packed, tokens, cache) -> logits` traced under `limit(rows)`, with or
+  without the CPU kernel."""
   def f(pk, tokens, cache):
-    with packed_rows.limit(rows):
+    with packed_rows.limit(rows), kernel_off(not kernel):
       logits, _ = packed.apply(model, pk, tokens, cache=cache)
     return logits
   return jax.jit(f)
@@ -70,12 +88,15 @@ def main() -> None:
     cache = lmjax.init_cache(cfg, 1, a.context + max(a.tokens) + 8)
     _, cache = jax.jit(lambda p, t, c: packed.apply(model, p, t, cache=c, prefill=True))(
         pk, prompt, cache)
-    paths = {"before": forward(model, 1), "after": forward(model, packed_rows.MAX_ROWS)}
+    paths = {"before": forward(model, 1, kernel=False),
+             "reduction": forward(model, packed_rows.MAX_ROWS, kernel=False),
+             "kernel": forward(model, packed_rows.MAX_ROWS)}
     times = {}
     for t in a.tokens:
       toks = jax.numpy.asarray(rng.integers(0, cfg.vocab_size, (1, t)), jax.numpy.int32)
       outs = {name: np.asarray(f(pk, toks, cache)) for name, f in paths.items()}  # compile
-      np.testing.assert_allclose(outs["after"], outs["before"], rtol=1e-4, atol=1e-4)
+      for name in ("reduction", "kernel"):
+        np.testing.assert_allclose(outs[name], outs["before"], rtol=1e-4, atol=1e-4)
       for name in paths:
         times[(name, t)] = (toks, [])
     for _ in range(a.repeats):
@@ -90,12 +111,13 @@ def main() -> None:
         r[f"{name}_ms"] = s * 1e3
         r[f"{name}_vs_1_token"] = s / best[(name, a.tokens[0])]
         r[f"{name}_GB_s"] = nbytes / s / 1e9
-      r["speedup"] = best[("before", t)] / best[("after", t)]
+      r["speedup"] = best[("before", t)] / best[("kernel", t)]
+      r["kernel_vs_reduction"] = best[("reduction", t)] / best[("kernel", t)]
       rows.append(r)
       results[fmt]["forward"][str(t)] = r
-  print(common.table(rows, ["format", "tokens", "before_ms", "after_ms", "speedup",
-                            "before_vs_1_token", "after_vs_1_token", "before_GB_s",
-                            "after_GB_s"]))
+  print(common.table(rows, ["format", "tokens", "before_ms", "reduction_ms", "kernel_ms",
+                            "speedup", "kernel_vs_reduction", "kernel_vs_1_token",
+                            "before_GB_s", "kernel_GB_s"]))
   load_end = os.getloadavg()
   note = (f"load average {load_start[0]:.2f} at start, {load_end[0]:.2f} at end (a shared 2-core "
           f"machine: ratios only); bandwidth {bandwidth / 1e9:.1f} GB/s (a float32 sum, same "

@@ -123,8 +123,8 @@ def lmjax_nbytes(params) -> float:
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--formats", default="float32,packed-float32,packed-bfloat16,packed-int8,"
-                  "packed-int4,packed-nf4,q4_1-kept,packed-q4_1-kept")
+  ap.add_argument("--formats", default="float32,packed-bfloat16,packed-int8,packed-int8-a8,"
+                  "packed-int4,packed-int4-a8,packed-q4_1-kept,packed-q4_1-kept-a8")
   ap.add_argument("--threads", default="1,2", help="llama.cpp thread counts to time")
   ap.add_argument("--name", default="llama_cpp")
   ap.add_argument("--decode-perplexity", action="store_true",

@@ -213,6 +213,19 @@ def filter_logits(logits: Array, temperature: Array, top_k: Array, top_p: Array,
   return jnp.where(keep_orig, x, -jnp.inf)
 
 
+def argmax(logits: Array) -> Array:
+  """`jnp.argmax(logits, axis=-1)` as int32: the first maximum, NaN counting as the maximum.
+
+  Computed as two plain reductions (the maximum, then the first index holding it): XLA's CPU
+  backend runs argmax's paired (value, index) reduction about 9x slower, 218 against 24 us
+  for SmolLM2's 49,152 logits here, a fifth of a millisecond of every greedy decode step.
+  """
+  m = jnp.max(logits, axis=-1, keepdims=True)
+  hit = (logits == m) | (jnp.isnan(logits) & jnp.isnan(m))
+  index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def sample_logits(logits: Array, keys: Array, temperature: Array, top_k: Array, top_p: Array,
                   *, use_top_k: bool, use_top_p: bool, greedy: bool) -> Array:
   """The composed sampler as a pure function (jit-friendly; flags are static).
@@ -227,7 +240,7 @@ def sample_logits(logits: Array, keys: Array, temperature: Array, top_k: Array, 
   Returns:
     `[B]` int32 tokens.
   """
-  best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  best = argmax(logits)
   if greedy:
     return best
   x = filter_logits(logits, temperature, top_k, top_p, use_top_k=use_top_k, use_top_p=use_top_p)

@@ -257,7 +257,7 @@ class SpecDecoder:
       params = params.replace(tree=tree)
     logits, cache = self.target._apply(params, toks, cache=state["cache"])
     if flags["greedy"]:
-      best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      best = sampling.argmax(logits)
       n = jnp.sum(jnp.cumprod((best[:, :k] == drafts).astype(jnp.int32), axis=1), axis=1)
       nxt = jnp.take_along_axis(best, n[:, None], axis=1)[:, 0]
     else:

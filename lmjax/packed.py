@@ -21,9 +21,10 @@ computes each `Einsum`, the tied embedding lookup and output projection, and an 
 from the packed arrays (activations and accumulation in float32). `infer.decode` recognises
 `PackedParams` and keeps the widening inside its loop (`loop_variant`). Products of 2 to 16
 rows (speculative verification, small batches) go through `lmjax.packed_rows`, which reads
-each weight row once for all rows. Packed params carry
-no logical axis names: they are for one device (or replicated); sharded serving keeps the
-model's own params.
+each weight row once for all rows. On an x86-64 CPU the float formats' products of 1-16 rows
+run in a hand-written kernel instead (`lmjax.quant.cpu_float`: the same float32 products,
+read faster than XLA's loops). Packed params carry no logical axis names: they are for one
+device (or replicated); sharded serving keeps the model's own params.
 
     packed = lmjax.packed.pack(model, params)           # once, after loading or training
     exact = lmjax.packed.pack(model, params, "float32")  # the same layout, float32 weights
@@ -76,8 +77,8 @@ class PackedParams:
       (scan), and the model's kernel shape (leading dims included).
     activations: None (weight-only: float32 activations), or "int8". fmt "int8": products of
       at least `lmjax.quant.packed_int.INT8_ACT_MIN_ROWS` rows quantize their input rows to
-      int8 and multiply in int32 (`lmjax.quant.packed_int.matmul_int8_act`), products of 2 to
-      16 rows round their inputs per group of 32 (`lmjax.quant.cpu_int8`). fmt "int4":
+      int8 and multiply in int32 (`lmjax.quant.packed_int.matmul_int8_act`), products of 1 to
+      16 rows (decoding) round their inputs per group of 32 (`lmjax.quant.cpu_int8`). fmt "int4":
       products of up to `lmjax.quant.cpu_int4.MAX_ROWS` rows round their inputs to int8 per
       group (`lmjax.quant.cpu_int4`).
   """
@@ -157,10 +158,10 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16",
       two codes per byte, a scale per 32 (nf4: 64) inputs, the embedding int8).
     activations: None (weight-only), or "int8": inputs rounded to int8 where that is faster.
       fmt "int8": prefill-sized products (`lmjax.quant.packed_int.INT8_ACT_MIN_ROWS` rows or
-      more) quantize their inputs per row and multiply int8 x int8 in int32; products of 2 to
-      16 rows (speculative checks, small batches) round their inputs per group of 32 and take
-      integer dot products (`lmjax.quant.cpu_int8`, as llama.cpp's Q8_0 x Q8_0); one row
-      (batch-1 decoding) stays weight-only. fmt "int4": products of up to `lmjax.quant.
+      more) quantize their inputs per row and multiply int8 x int8 in int32; products of 1 to
+      16 rows (decoding, speculative checks, small batches) round their inputs per group of 32
+      and take integer dot products (`lmjax.quant.cpu_int8`, as llama.cpp's Q8_0 x Q8_0; the
+      weight-only product where it does not apply). fmt "int4": products of up to `lmjax.quant.
       cpu_int4.MAX_ROWS` rows (decoding) round their inputs per group and take integer dot
       products (`lmjax.quant.cpu_int4`, W4A8 as llama.cpp's Q4 x Q8); more rows (a prompt)
       and the int8 embedding's head stay weight-only.
@@ -205,8 +206,8 @@ def pack(model: nn.Module, params: Any, fmt: str = "bfloat16",
 
 
 # What int8 activations mean per format: int8 weights, int8 x int8 per row for prompts and
-# per group of 32 for 2-16 rows (`lmjax.quant.cpu_int8`; the int8 embedding's head included),
-# one row weight-only; int4 weights, the 4-bit products of up to 16 rows rounded per group
+# per group of 32 for 1-16 rows (`lmjax.quant.cpu_int8`; the int8 embedding's head included);
+# int4 weights, the 4-bit products of up to 16 rows rounded per group
 # (`lmjax.quant.cpu_int4`), prompts (and the int8 head) weight-only.
 _ACTS = {"int8": "w8a8", "int4": "w4a8"}
 
@@ -256,11 +257,10 @@ def _matmul_t(x: Array, w: Array, scale: Array | None = None, acts: str | None =
     from lmjax.quant import cpu_int8, packed_int
     if acts == "w8a8" and x.shape[0] >= packed_int.INT8_ACT_MIN_ROWS:  # a prompt: per row
       return packed_int.matmul_int8_act(x, w, scale)
-    if (acts == "w8a8" and MAX_STREAMED_ROWS < x.shape[0] <= cpu_int8.MAX_ROWS
+    if (acts == "w8a8" and x.shape[0] <= cpu_int8.MAX_ROWS
         and x.shape[1] % cpu_int8.GROUP == 0 and scale.shape[-1] == 1):
-      # A few rows (speculative checks, small batches): per group of 32 inputs, integer dot
-      # products. One row (batch-1 decoding) stays weight-only: XLA's streamed loop reads
-      # int8 rows from memory faster than the kernel (`lmjax.quant.cpu_int8`).
+      # Decoding (one row), speculative checks, small batches: inputs rounded per group of
+      # 32, integer dot products (`lmjax.quant.cpu_int8`).
       return cpu_int8.matmul_t(x, w, scale, functools.partial(_matmul_t, acts=None))
   if w.dtype == jnp.uint8:  # int4 / nf4: two codes per byte
     from lmjax.quant import packed_int4
@@ -272,11 +272,17 @@ def _matmul_t(x: Array, w: Array, scale: Array | None = None, acts: str | None =
     from lmjax.quant import packed_int
     return packed_int.matmul_t(x, w, scale, x.shape[0] <= MAX_STREAMED_ROWS, _flat_copy)
   if x.shape[0] <= MAX_STREAMED_ROWS:  # one loop per output streams its row of w
-    return jnp.dot(_flat_copy(x), widen(w).T)
+    from lmjax.quant import cpu_float  # on an x86-64 CPU its kernel reads faster
+    return cpu_float.matmul_t(x, w, _streamed)
   if w.dtype == jnp.float32:  # XLA's matmul reads the transposed matrix as it is
     return jnp.dot(x, w.T)  # (a copied [K, N] layout made SmolLM2's prefill 1.7x slower)
   # A matmul: the widened matrix in `[K, N]` layout (hoisted out of a decode loop by XLA).
   return jnp.dot(x, jax.lax.optimization_barrier(widen(w).T))
+
+
+def _streamed(x: Array, w: Array) -> Array:
+  """One row times float weights in XLA: one loop per output streams its row of w."""
+  return jnp.dot(_flat_copy(x), widen(w).T)
 
 
 def _flat_copy(x: Array) -> Array:

@@ -31,6 +31,10 @@ merges the equal broadcasts of one input read by two matrices (gate and up, key 
 into one `[N, T, K]` array written to memory (a SmolLM2 verify step ran 100x slower); and
 no dimension of extent 1 in the product (a `[1, N, K]` weight ran 20x slower).
 
+On an x86-64 CPU, float32 and bfloat16 weights go to a hand-written kernel instead
+(`lmjax.quant.cpu_float`, 1.35-3.9x this reduction); `reduction` is the XLA path, used for
+int8 codes and on other platforms.
+
 Products with `1 < rows <= max_rows()` take this path (one row keeps `lmjax.packed`'s
 streamed matrix-vector loop; more rows, e.g. a prompt's prefill, keep XLA's matmul).
 `limit(n)` changes the bound while a function is traced (`limit(1)`: the previous path), for
@@ -81,7 +85,8 @@ def applies(rows: int) -> bool:
 
 
 def matmul_t(x: Array, w: Array, scale: Array | None = None) -> Array:
-  """`x @ w.T` for a few rows, reading each row of `w` once.
+  """`x @ w.T` for a few rows, reading each row of `w` once: float32 and bfloat16 weights
+  through `lmjax.quant.cpu_float`'s kernel on an x86-64 CPU, otherwise `reduction`.
 
   Args:
     x: `[M, K]` float32 activations (a few rows).
@@ -91,6 +96,14 @@ def matmul_t(x: Array, w: Array, scale: Array | None = None) -> Array:
   Returns:
     `[M, N]` float32: `x @ (w * scale).T` with the weights widened exactly to float32.
   """
+  if scale is None:
+    from lmjax.quant import cpu_float  # (lmjax.quant imports lmjax.packed, which imports this)
+    return cpu_float.matmul_t(x, w, reduction)
+  return reduction(x, w, scale)
+
+
+def reduction(x: Array, w: Array, scale: Array | None = None) -> Array:
+  """`matmul_t` as XLA's fused reduction (the module docstring), on every platform."""
   # One broadcast of `x` per weight: XLA would merge equal ones (two matrices reading the same
   # input, e.g. the gate and up projections) into one array of N * M * K floats, written out.
   x, w = jax.lax.optimization_barrier((x, w))

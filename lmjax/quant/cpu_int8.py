@@ -12,14 +12,18 @@ AVX2 `vpmaddubsw` otherwise), each group's sum scaled in float32, then the outpu
     y[m, n] = scale[n] * sum_g sx[m, g] * sum_{k in g} xq[m, k] * code[n, k]
 
 Measured here (150 matrices 1536 x 576 int8, 132 MB, each product feeding the next): 5 rows
-9.3 ms against `packed_rows`' 19.8 (2.1x), 9 rows 11.2 against 28.0 (2.5x); one row 3.8 ms
-against 3.1 for XLA's streamed one-row loop (35 against 43 GB/s from memory), so
-`lmjax.packed` sends it 2-16 rows (speculative checks, small batches) of packed int8 weights
-with one scale per output and int8 activations (`lmjax.packed.pack(model, params, "int8",
-activations="int8")`), and batch-1 decoding keeps XLA's loop. Products of more rows (a prompt)
-keep `packed_int.matmul_int8_act`'s per-row W8A8. Where the kernel does not apply (other
-platforms, groups of scales, no compiler, `LMJAX_CPU_KERNELS=0`) the same rounded inputs go
-through XLA's weight-only product: the same numbers up to float summation order.
+9.3 ms against `packed_rows`' 19.8 (2.1x), 9 rows 11.2 against 28.0 (2.5x). One row reads
+four weight rows at a time from four far-apart parts of the thread's share (four streams
+through memory): 2.5 ms, 53 GB/s, against 3.4 ms for XLA's streamed one-row loop of the
+weight-only format (contiguous rows with software prefetch, last session: 3.8 ms, 35 GB/s);
+SmolLM2-135M decoding 4.6 ms a step against 4.7-6.3 for that loop (its speed varies from one
+process to the next, the kernel's does not). So `lmjax.packed` sends it 1-16 rows (decoding,
+speculative checks, small batches) of packed int8 weights with one scale per output and int8
+activations (`lmjax.packed.pack(model, params, "int8", activations="int8")`). Products of
+more rows (a prompt) keep `packed_int.matmul_int8_act`'s per-row W8A8. Where the kernel does
+not apply (other platforms, groups of scales, no compiler, `LMJAX_CPU_KERNELS=0`) the same
+rounded inputs go through XLA's weight-only product: the same numbers up to float summation
+order.
 """
 
 from __future__ import annotations

@@ -35,17 +35,17 @@ and scale the result by the row's and the output's (group's) scales:
     y[m, n] = sx[m] * sum_G scale[n, G] * sum_g xq[m, G, g] * code[n, G, g]
 
 Fewer rows do not use XLA's integer product (a single row has no streamed loop there and ran
-55-65x slower, `benchmarks/quant_int8_activations.py`): 2-16 rows with one scale per output
-(speculative checks, small batches) go to a hand-written CPU kernel, `lmjax.quant.cpu_int8`,
-inputs rounded per group of 32 as llama.cpp's Q8_0 (finer than per row); one row (batch-1
-decoding) and weights with groups of scales keep the weight-only paths above. The threshold
-counts the rows
-of one product (batch x tokens, the prompt padded to its bucket in `infer.generate`; a batch
-of 17 or more sequences decodes with int8 activations too). Cost:
-SmolLM2-135M perplexity 1.065x float32's against 1.033x for int8 weights alone, and greedy
-output that leaves float32's sooner (the benchmark above): without outlier handling, a token
-whose activations hold one large value rounds its other inputs coarsely. Prefill 1.4-2.5x
-faster than weight-only int8 (512 / 128 tokens), 1.15-1.4x faster than float32.
+55-65x slower, `benchmarks/quant_int8_activations.py`): 1-16 rows with one scale per output
+(decoding, speculative checks, small batches) go to a hand-written CPU kernel,
+`lmjax.quant.cpu_int8`, inputs rounded per group of 32 as llama.cpp's Q8_0 (finer than per
+row); weights with groups of scales, and other platforms, keep the weight-only paths above.
+The threshold counts the rows of one product (batch x tokens, the prompt padded to its
+bucket in `infer.generate`; a batch of 17 or more sequences decodes with int8 activations
+too). Cost: SmolLM2-135M perplexity 1.065x float32's against 1.033x for int8 weights alone,
+and greedy output that leaves float32's sooner (the benchmark above): without outlier
+handling, a token whose activations hold one large value rounds its other inputs coarsely.
+Prefill 1.4-2.5x faster than weight-only int8 (512 / 128 tokens), 1.15-1.4x faster than
+float32.
 """
 
 from __future__ import annotations

@@ -188,3 +188,21 @@ def test_from_name_and_hashable():
   assert sampling.from_name("top-p", top_k=5, top_p=0.5).resolve() == sampling.Sampler(
       top_k=5, top_p=0.5)
   assert hash(sampling.TopP([0.5, 0.9])) == hash(sampling.TopP((0.5, 0.9)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_argmax_equals_numpy(dtype):
+  """The two-reduction argmax against numpy's: ties (the first wins), NaN (the first NaN
+  wins), all -inf, 3-D logits."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((6, 4, 97)).astype(np.float32)
+  x[0, :, 5] = x[0, :, 70] = 9.0  # a tie
+  x[1, 0, 40], x[1, 0, 60], x[1, 1, 3] = np.nan, np.nan, np.nan
+  x[2, 0] = -np.inf
+  x[3] = np.round(x[3])  # many ties at the maximum
+  x = x.astype(dtype)
+  got = np.asarray(jax.jit(sampling.argmax)(jnp.asarray(x)))
+  want = np.argmax(np.asarray(x, np.float32), axis=-1)
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, want)
+  assert got[0, 0] == 5 and got[1, 0] == 40 and got[2, 0] == 0

@@ -1,8 +1,9 @@
-"""The hand-written CPU products (`lmjax.quant.cpu_int4`, `lmjax.quant.cpu_int8`): each custom
-call against float64 numpy of its stated math (inputs rounded to int8 per group, integer dot
-products, the scales), the AVX2 build (`$LMJAX_CPU_MARCH=haswell`) against the same, a packed
-int4 model's decoding against `model.apply` on dequantized weights with each projection's
-input rounded the same way, where they apply, and a failed build."""
+"""The hand-written CPU products (`lmjax.quant.cpu_int4`, `lmjax.quant.cpu_int8`,
+`lmjax.quant.cpu_float`): each custom call against float64 numpy of its stated math (inputs
+rounded to int8 per group, integer dot products, the scales; float products), the AVX2 build
+(`$LMJAX_CPU_MARCH=haswell`) against the same, a packed int4 model's decoding against
+`model.apply` on dequantized weights with each projection's input rounded the same way, where
+they apply, and a failed build."""
 
 import json
 import os
@@ -18,11 +19,12 @@ import pytest
 import infer
 import lmjax
 from lmjax import packed
-from lmjax.quant import cpu_build, cpu_int4, cpu_int8, packed_int4
+from lmjax.quant import cpu_build, cpu_float, cpu_int4, cpu_int8, packed_int4
 from tests.lmjax.activation_fixtures import rounded_apply
 from tests.lmjax.helpers import random_params, tiny, tokens
 
-pytestmark = pytest.mark.skipif(not (cpu_int4.available() and cpu_int8.available()),
+pytestmark = pytest.mark.skipif(not (cpu_int4.available() and cpu_int8.available()
+                                     and cpu_float.available(jnp.bfloat16)),
                                 reason="the CPU kernels need an x86-64 Linux CPU with AVX2 and a "
                                 "C++20 compiler")
 
@@ -152,6 +154,51 @@ def test_int8_kernel_applies_to_per_output_scales_of_32s():
   assert not cpu_int8.applies(x, w.astype(jnp.uint8), jnp.zeros((8, 1)))
 
 
+FLOAT_CASES = [(1, 37, 576, "float32"), (1, 45, 48, "bfloat16"), (2, 9, 1536, "bfloat16"),
+               (5, 41, 48, "float32"), (9, 16, 16, "bfloat16"), (16, 6, 160, "float32")]
+
+
+def _float_case(m, n, k, dtype):
+  rng = np.random.default_rng(m * n)
+  x = (rng.standard_normal((m, k)) * 10.0 ** rng.integers(-3, 3, (m, 1))).astype(np.float32)
+  return x, jnp.asarray(rng.standard_normal((n, k)), dtype)
+
+
+def _np_float_product(x, w):
+  """float64 reference of `x @ w.T` (the weights widened exactly) and the sum of the terms'
+  magnitudes (what float32 rounding is relative to)."""
+  x, w = np.asarray(x, np.float64), np.asarray(w.astype(jnp.float32), np.float64)
+  return x @ w.T, np.abs(x) @ np.abs(w).T
+
+
+@pytest.mark.parametrize("m,n,k,dtype", FLOAT_CASES)
+def test_float_product_equals_float64_reference(m, n, k, dtype):
+  """1-16 rows, float32 and bfloat16 weights, output rows not a multiple of the row blocks
+  (one row: four parts side by side, and a remainder)."""
+  x, w = _float_case(m, n, k, dtype)
+  assert cpu_float.applies(jnp.asarray(x), w)
+  f = jax.jit(lambda x, w: cpu_float.matmul_t(x, w, _float_dot))
+  assert cpu_float.TARGETS[jnp.dtype(dtype)][1] in f.lower(x, w).as_text()
+  want, size = _np_float_product(x, w)
+  assert np.all(np.abs(np.asarray(f(x, w), np.float64) - want) <= 1e-6 * size + 1e-30)
+  x[0, k - 3] = np.nan  # a NaN input: its row NaN, the others not
+  got = np.asarray(f(x, w))
+  assert np.isnan(got[0]).all() and np.isfinite(got[1:]).all()
+
+
+def test_float_kernel_applies_to_16s():
+  x, w = jnp.zeros((2, 32)), jnp.zeros((8, 32))
+  assert cpu_float.applies(x, w) and cpu_float.applies(x, w.astype(jnp.bfloat16))
+  assert not cpu_float.applies(jnp.zeros((2, 24)), jnp.zeros((8, 24)))  # not a multiple of 16
+  assert not cpu_float.applies(jnp.zeros((17, 32)), w)  # a prompt
+  assert not cpu_float.applies(x, w.astype(jnp.int8))  # codes: cpu_int8's
+  assert not cpu_float.applies(x, w.astype(jnp.float16))
+
+
+def _float_dot(x, w):
+  return jnp.dot(x, w.astype(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
+
+
 def _int8_loop(x, w, s):
   return jnp.dot(packed._flat_copy(x), w.astype(jnp.float32).T) * s.T
 
@@ -159,7 +206,7 @@ def _int8_loop(x, w, s):
 _AVX2_RUN = """
 import json, sys
 import numpy as np, jax, jax.numpy as jnp
-from lmjax.quant import cpu_build, cpu_int4, cpu_int8, packed_int4
+from lmjax.quant import cpu_build, cpu_float, cpu_int4, cpu_int8, packed_int4
 assert cpu_int4.available() and cpu_int8.available()
 data = np.load(sys.argv[1])
 f4 = jax.jit(lambda x, b, s: cpu_int4.matmul_t(
@@ -169,8 +216,12 @@ f8 = jax.jit(lambda x, w, s: cpu_int8.matmul_t(
 a4, a8 = (data[n] for n in ("x4", "b4", "s4")), (data[n] for n in ("x8", "w8", "s8"))
 a4, a8 = tuple(a4), tuple(a8)
 assert cpu_int4.TARGET in f4.lower(*a4).as_text() and cpu_int8.TARGET in f8.lower(*a8).as_text()
-np.savez(sys.argv[2], int4=np.asarray(f4(*a4)), int8=np.asarray(f8(*a8)))
-print(json.dumps([cpu_build.build(n).name for n in ("cpu_int4", "cpu_int8")]))
+ff = jax.jit(lambda x, w: cpu_float.matmul_t(x, w, lambda x, w: x @ w.astype(jnp.float32).T))
+af = [(data[x], jnp.asarray(data[w], jnp.bfloat16)) for x, w in (("xf1", "wf1"), ("xf5", "wf5"))]
+assert "lmjax_bf16_matmul_t" in ff.lower(*af[0]).as_text()
+np.savez(sys.argv[2], int4=np.asarray(f4(*a4)), int8=np.asarray(f8(*a8)),
+         float1=np.asarray(ff(*af[0])), float5=np.asarray(ff(*af[1])))
+print(json.dumps([cpu_build.build(n).name for n in ("cpu_int4", "cpu_int8", "cpu_float")]))
 """
 
 
@@ -184,18 +235,25 @@ def test_avx2_build_equals_float64_reference(tmp_path):
                 -1).astype(np.float32)
   x4 = _inputs(3, 576, 32, 7)
   x8, w8, s8 = _int8_case(5, 23, 96, 8)
-  np.savez(tmp_path / "in.npz", x4=x4, b4=b4, s4=s4, x8=x8, w8=w8, s8=s8)
+  (xf1, wf1), (xf5, wf5) = (_float_case(1, 37, 48, jnp.bfloat16),
+                            _float_case(5, 19, 64, jnp.bfloat16))
+  np.savez(tmp_path / "in.npz", x4=x4, b4=b4, s4=s4, x8=x8, w8=w8, s8=s8, xf1=xf1, xf5=xf5,
+           wf1=np.asarray(wf1, np.float32), wf5=np.asarray(wf5, np.float32))
   env = dict(os.environ, LMJAX_CPU_MARCH="haswell")
   done = subprocess.run([sys.executable, "-c", _AVX2_RUN, str(tmp_path / "in.npz"),
                          str(tmp_path / "out.npz")], env=env, capture_output=True, text=True,
                         cwd=Path(__file__).resolve().parents[2])
   assert done.returncode == 0, done.stderr[-3000:]
   built = json.loads(done.stdout.strip().splitlines()[-1])
-  assert not {cpu_build.build(n).name for n in ("cpu_int4", "cpu_int8")} & set(built)
+  assert not {cpu_build.build(n).name for n in ("cpu_int4", "cpu_int8", "cpu_float")} & set(
+      built)
   out = np.load(tmp_path / "out.npz")
   for got, (want, size) in ((out["int4"], _np_product(x4, b4, s4)),
                             (out["int8"], _np_product8(x8, w8, s8))):
     assert np.all(np.abs(np.asarray(got, np.float64) - want) <= 2e-6 * size + 1e-30)
+  for got, (x, w) in ((out["float1"], (xf1, wf1)), (out["float5"], (xf5, wf5))):
+    want, size = _np_float_product(x, w)
+    assert np.all(np.abs(np.asarray(got, np.float64) - want) <= 1e-6 * size + 1e-30)
 
 
 def _xla_loop(x, b, s):

@@ -1,8 +1,8 @@
 """int8 activations on packed int8 weights (`lmjax.packed.pack(..., "int8", activations="int8")`):
 the int8 x int8 product against float64 numpy, the forward against the model run on
 dequantized weights with each projection's input rounded per row (prompts) or per group of
-32 (2-16 rows: `lmjax.quant.cpu_int8`), one-row decoding unchanged, bad inputs, and SmolLM2's
-logits against float32."""
+32 (1-16 rows: `lmjax.quant.cpu_int8`), one-token decoding, bad inputs, and SmolLM2's logits
+against float32."""
 
 import gzip
 import importlib.util
@@ -114,29 +114,33 @@ def test_forward_equals_fake_quantized_reference(scan, tie, per_output):
       np.abs(got - want).max())
 
 
-def _greedy_steps(model, p, cache, token, n):
-  """`n` one-token steps from `cache`: the logits of each (`[n, V]`)."""
+def _forced_steps(model, p, seq):
+  """The logits of one-token steps through the cache, fed `seq [1, T]` token by token
+  (`[T, V]`)."""
   step = jax.jit(lambda p, t, c: packed.apply(model, p, t, cache=c))
+  cache = lmjax.init_cache(model.config, 1, seq.shape[1])
   out = []
-  for _ in range(n):
-    logits, cache = step(p, token, cache)
+  for i in range(seq.shape[1]):
+    logits, cache = step(p, seq[:, i:i + 1], cache)
     out.append(np.asarray(logits[0, -1]))
-    token = jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32)
   return np.stack(out)
 
 
-def test_decoding_is_weight_only():
+def test_decoding_rounds_inputs_per_group():
   model, params = _model(False, True, seed=3)
   weight_only = packed.pack(model, params, "int8")
   pk = packed.pack(model, params, "int8", activations="int8")
+  seq = tokens(5, 1, 12)
+  # One-token steps (batch-1 decoding, `lmjax.quant.cpu_int8`'s one-row path): each token's
+  # inputs rounded per group of 32, as the model run on the dequantized weights with its
+  # projections' inputs rounded so, over the whole sequence at once (rounding is per token).
+  weights = packed.unpack(weight_only)
+  want = rounded_apply(model, weights, seq, group=32, rounds=_per_output(pk))[0]
+  got = _forced_steps(model, pk, seq)
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+  assert np.abs(_forced_steps(model, weight_only, seq) - want).max() > 30 * (
+      np.abs(got - want).max())
   prompt = tokens(4, 1, ROWS)
-  cache = lmjax.init_cache(model.config, 1, 48)
-  prefill = jax.jit(lambda p, t, c: packed.apply(model, p, t, cache=c, prefill=True))
-  logits, cache = prefill(pk, prompt, cache)
-  token = jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32)
-  # One-token steps from the same cache: bit for bit the weight-only reader's.
-  np.testing.assert_array_equal(_greedy_steps(model, pk, cache, token, 12),
-                                _greedy_steps(model, weight_only, cache, token, 12))
   # infer.generate: its prompt (padded to >= 16 rows) is prefilled with int8 activations, so
   # the first token's logits are the int8-activation forward's, not the weight-only one's.
   long = [int(i) for i in prompt[0]]

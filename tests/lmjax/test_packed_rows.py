@@ -110,20 +110,23 @@ def test_rows_of_a_batch_and_the_bound(calls):
   assert packed_rows.max_rows() == packed_rows.MAX_ROWS
 
 
+@pytest.mark.parametrize("fn", ["matmul_t", "reduction"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
-def test_matmul_t_equals_float64(dtype):
+def test_matmul_t_equals_float64(dtype, fn):
+  """`matmul_t` (the CPU kernel for float weights where it applies: 48 inputs) and XLA's
+  `reduction` alone."""
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((5, 40)).astype(np.float32)
+  x = rng.standard_normal((5, 48)).astype(np.float32)
   if dtype == "int8":
-    w = rng.integers(-127, 128, (24, 40)).astype(np.int8)
+    w = rng.integers(-127, 128, (24, 48)).astype(np.int8)
     scale = rng.uniform(0.01, 0.1, (24, 1)).astype(np.float32)
     w64 = w.astype(np.float64) * scale
   else:
-    w = rng.standard_normal((24, 40)).astype(ml_dtypes.bfloat16 if dtype == "bfloat16"
+    w = rng.standard_normal((24, 48)).astype(ml_dtypes.bfloat16 if dtype == "bfloat16"
                                              else np.float32)
     scale, w64 = None, w.astype(np.float64)
-  got = jax.jit(packed_rows.matmul_t)(jnp.asarray(x), jnp.asarray(w),
-                                      None if scale is None else jnp.asarray(scale))
+  got = jax.jit(getattr(packed_rows, fn))(jnp.asarray(x), jnp.asarray(w),
+                                          None if scale is None else jnp.asarray(scale))
   assert got.shape == (5, 24) and got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), x.astype(np.float64) @ w64.T, rtol=1e-5,
                              atol=1e-5)

@@ -1,0 +1,135 @@
+// A CPU product of a few float32 rows with packed float32 or bfloat16 weights, as XLA FFI
+// custom calls.
+//
+// `lmjax.quant.cpu_float` builds this file on first use (the host's compiler) and registers
+// "lmjax_f32_matmul_t" (float32 weights) and "lmjax_bf16_matmul_t" (bfloat16 weights). Weights
+// in the layout of `lmjax.packed`: `w [N, K]`, one row per output. y = x @ w.T in float32
+//
+//   y[m, n] = sum_k x[m, k] * w[n, k]
+//
+// with bfloat16 widened exactly (its bits shifted up 16 places) and float32 fused multiply-adds
+// in 16 lanes (AVX-512) or 8 (AVX2), summed across lanes at the end: the model's float32 dot
+// up to summation order. Each weight row is read once for all M input rows (the product of a
+// speculative check or a small batch is memory bound, like one row's); the rows are split
+// between the calling thread and XLA's intra-op threads (`lmjax_cpu::Split`, cpu_kernels.h).
+// One input row: each thread reads four parts of its share side by side (as cpu_int8.cc).
+
+#include "cpu_kernels.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using lmjax_cpu::kAhead;
+using lmjax_cpu::Prefetch;
+
+#if defined(__AVX512F__)
+using V = __m512;
+constexpr int64_t kLanes = 16;
+inline V Zero() { return _mm512_setzero_ps(); }
+inline V LoadX(const float* p) { return _mm512_loadu_ps(p); }
+inline V Widen(const float* p) { return _mm512_loadu_ps(p); }
+inline V Widen(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline float Sum(V v) { return _mm512_reduce_add_ps(v); }
+#else
+using V = __m256;
+constexpr int64_t kLanes = 8;
+inline V Zero() { return _mm256_setzero_ps(); }
+inline V LoadX(const float* p) { return _mm256_loadu_ps(p); }
+inline V Widen(const float* p) { return _mm256_loadu_ps(p); }
+inline V Widen(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline float Sum(V v) { return lmjax_cpu::Hsum(v); }
+#endif
+
+template <class W>
+struct Job {
+  const float* x;  // [M, K]
+  const W* w;      // [N, K]: float32, or bfloat16 bits
+  float* y;        // [M, N]
+  int64_t m, n, k;
+};
+
+// R weight rows n, n + stride, ... against input rows [m0, m0 + M), kLanes inputs at a time.
+template <int M, int R, class W>
+void RowBlock(const Job<W>& j, int64_t n, int64_t m0, int64_t stride) {
+  V acc[R][M];
+  for (int q = 0; q < R; ++q)
+    for (int r = 0; r < M; ++r) acc[q][r] = Zero();
+  for (int64_t at = 0; at < j.k; at += kLanes) {
+    V xv[M];
+    for (int r = 0; r < M; ++r) xv[r] = LoadX(j.x + (m0 + r) * j.k + at);
+    for (int q = 0; q < R; ++q) {
+      const V w = Widen(j.w + (n + q * stride) * j.k + at);
+      for (int r = 0; r < M; ++r) acc[q][r] = Fma(w, xv[r], acc[q][r]);
+    }
+  }
+  for (int q = 0; q < R; ++q)
+    for (int r = 0; r < M; ++r) j.y[(m0 + r) * j.n + n + q * stride] = Sum(acc[q][r]);
+}
+
+// Rows [n0, n1) of the weights against input rows [m0, m0 + M). One input row: four weight
+// rows at a time from four equal parts of [n0, n1) (four streams through memory). More: R
+// contiguous rows at a time, prefetched kAhead rows ahead.
+template <int M, class W>
+void Rows(const Job<W>& j, int64_t n0, int64_t n1, int64_t m0) {
+  int64_t n = n0;
+  if (M == 1) {
+    constexpr int kStreams = 4;
+    const int64_t part = (n1 - n0) / kStreams;
+    for (; n < n0 + part; ++n) RowBlock<M, kStreams>(j, n, m0, part);
+    n = n0 + kStreams * part;
+  } else {
+    constexpr int R = (M <= 4 && kLanes == 16) || M <= 2 ? 2 : 1;
+    for (; n + R <= n1; n += R) {
+      if (n + kAhead < n1)
+        for (int q = 0; q < R; ++q) Prefetch(j.w + (n + kAhead + q) * j.k, j.k * sizeof(W));
+      RowBlock<M, R>(j, n, m0, 1);
+    }
+  }
+  for (; n < n1; ++n) RowBlock<M, 1>(j, n, m0, 1);
+}
+
+template <class W>
+ffi::Error MatmulT(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t m,
+                   int64_t n, int64_t k) {
+  const Job<W> job{x, w, y, m, n, k};
+  lmjax_cpu::ForAll(pool, m, n, [&job](auto rows, int64_t n0, int64_t n1, int64_t m0) {
+    Rows<decltype(rows)::value>(job, n0, n1, m0);
+  });
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType T>
+ffi::Error Checked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2)
+    return ffi::Error::InvalidArgument("float matmul: x [M, K], w [N, K]");
+  const int64_t m = xd[0], k = xd[1], n = wd[0];
+  if (k <= 0 || k % 16 || wd[1] != k)
+    return ffi::Error::InvalidArgument("float matmul: shapes do not fit (K a multiple of 16)");
+  using W = std::conditional_t<T == ffi::DataType::F32, float, uint16_t>;
+  return MatmulT(pool, x.typed_data(), reinterpret_cast<const W*>(w.untyped_data()),
+                 y->typed_data(), m, n, k);
+}
+
+}  // namespace
+
+#define LMJAX_FLOAT_HANDLER(symbol, type)                                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, Checked<type>,                             \
+                                ffi::Ffi::Bind()                                   \
+                                    .Ctx<ffi::ThreadPool>()                        \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                  \
+                                    .Arg<ffi::Buffer<type>>()                      \
+                                    .Ret<ffi::Buffer<ffi::F32>>())
+
+LMJAX_FLOAT_HANDLER(LmjaxF32MatmulT, ffi::F32);
+LMJAX_FLOAT_HANDLER(LmjaxBf16MatmulT, ffi::BF16);

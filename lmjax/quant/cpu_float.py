@@ -1,4 +1,4 @@
-"""A hand-written CPU product for 1-16 rows with packed float32 or bfloat16 weights.
+"""A hand-written CPU product for a few rows with packed float32 or bfloat16 weights.
 
 Batch-1 decoding multiplies one row by each weight matrix; a speculative check (Leviathan et
 al., 2023) scores k + 1 tokens in one forward pass and a small batch decodes a few rows at
@@ -16,9 +16,12 @@ against the fused reduction's 5.3 / 6.4-6.5 (1.7x / 1.35x), bfloat16 2 / 5 / 9 r
 / 4.7-4.8 against 9.1 / 12.2-12.3 / 15.5-16.2 (3.4-3.9x); one row bfloat16 2.3-2.5 ms against
 XLA's loop 3.1-3.3, float32 1.9-2.7 against 2.2. SmolLM2-135M decoding in a compiled loop
 (256-token cache): packed bfloat16 6.1-6.9 ms a step against 7.3-7.6 with XLA's loop, float32
-9.2-12.3 against 11.6-13.5. So `lmjax.packed` sends it every product of 1-16 rows with float32
-or bfloat16 weights on an x86-64 CPU (a multiple of 16 inputs); elsewhere XLA's loop (one
-row) or `lmjax.packed_rows.reduction` computes the same product."""
+9.2-12.3 against 11.6-13.5. SmolLM2 forwards over a 256-token cache
+(benchmarks/results/packed_rows.json): float32 1 / 2 / 5 / 9 / 16 rows 1.15 / 1.10 / 1.43 /
+1.15 / 0.94x the fused reduction (one row: XLA's loop), bfloat16 1.08 / 1.96 / 2.30 / 1.76 /
+1.28x. So `lmjax.packed` sends it the products of 1-16 rows with bfloat16 weights and 1-9 rows
+with float32 ones (`MAX_ROWS`) on an x86-64 CPU (a multiple of 16 inputs); elsewhere XLA's
+loop (one row) or `lmjax.packed_rows.reduction` computes the same product."""
 
 from __future__ import annotations
 
@@ -30,7 +33,10 @@ import jax.numpy as jnp
 from lmjax.quant import cpu_build
 
 Array = jax.Array
-MAX_ROWS = 16  # input rows per call
+# Input rows per call. float32's products of more than 8 rows take two passes over the
+# weights and turn compute bound: SmolLM2 forwards of 9 / 16 rows 1.15x / 0.94x the fused
+# reduction (bfloat16: 1.76x / 1.28x; benchmarks/results/packed_rows.json).
+MAX_ROWS = {jnp.dtype(jnp.float32): 9, jnp.dtype(jnp.bfloat16): 16}
 TARGETS = {jnp.dtype(jnp.float32): ("LmjaxF32MatmulT", "lmjax_f32_matmul_t"),
            jnp.dtype(jnp.bfloat16): ("LmjaxBf16MatmulT", "lmjax_bf16_matmul_t")}
 __all__ = ["MAX_ROWS", "available", "applies", "matmul_t"]
@@ -43,13 +49,13 @@ def available(dtype=jnp.float32) -> bool:
 
 
 def applies(x: Array, w: Array) -> bool:
-  """Whether the kernel computes `matmul_t(x, w, ...)`: at most `MAX_ROWS` rows of a multiple
-  of 16 inputs, weights `[N, K]` in float32 or bfloat16, JAX's default backend the CPU, the
-  kernel available (built here on first use)."""
+  """Whether the kernel computes `matmul_t(x, w, ...)`: weights `[N, K]` in float32 or
+  bfloat16, at most `MAX_ROWS[w.dtype]` rows of a multiple of 16 inputs, JAX's default backend
+  the CPU, the kernel available (built here on first use)."""
   m, k = x.shape
-  return (m <= MAX_ROWS and k > 0 and k % 16 == 0 and w.ndim == 2 and w.shape[1] == k
-          and jnp.dtype(w.dtype) in TARGETS and jax.default_backend() == "cpu"
-          and available(w.dtype))
+  dtype = jnp.dtype(w.dtype)
+  return (dtype in TARGETS and m <= MAX_ROWS[dtype] and k > 0 and k % 16 == 0 and w.ndim == 2
+          and w.shape[1] == k and jax.default_backend() == "cpu" and available(dtype))
 
 
 def matmul_t(x: Array, w: Array, other: Callable[[Array, Array], Array]) -> Array:

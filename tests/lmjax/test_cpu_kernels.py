@@ -155,7 +155,7 @@ def test_int8_kernel_applies_to_per_output_scales_of_32s():
 
 
 FLOAT_CASES = [(1, 37, 576, "float32"), (1, 45, 48, "bfloat16"), (2, 9, 1536, "bfloat16"),
-               (5, 41, 48, "float32"), (9, 16, 16, "bfloat16"), (16, 6, 160, "float32")]
+               (5, 41, 48, "float32"), (9, 16, 16, "float32"), (16, 6, 160, "bfloat16")]
 
 
 def _float_case(m, n, k, dtype):
@@ -190,7 +190,9 @@ def test_float_kernel_applies_to_16s():
   x, w = jnp.zeros((2, 32)), jnp.zeros((8, 32))
   assert cpu_float.applies(x, w) and cpu_float.applies(x, w.astype(jnp.bfloat16))
   assert not cpu_float.applies(jnp.zeros((2, 24)), jnp.zeros((8, 24)))  # not a multiple of 16
-  assert not cpu_float.applies(jnp.zeros((17, 32)), w)  # a prompt
+  assert not cpu_float.applies(jnp.zeros((17, 32)), w.astype(jnp.bfloat16))  # a prompt
+  assert cpu_float.applies(jnp.zeros((9, 32)), w)
+  assert not cpu_float.applies(jnp.zeros((10, 32)), w)  # float32: at most 9 rows
   assert not cpu_float.applies(x, w.astype(jnp.int8))  # codes: cpu_int8's
   assert not cpu_float.applies(x, w.astype(jnp.float16))
 

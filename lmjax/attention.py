@@ -14,7 +14,13 @@ import jax
 import jax.numpy as jnp
 
 from lmjax import cache as cache_lib
-from lmjax.attention_ops import SegmentIds, get_attention, grouped_attention, reference_attention
+from lmjax.attention_ops import (
+  SegmentIds,
+  cached_attention,
+  get_attention,
+  grouped_attention,
+  reference_attention,
+)
 from lmjax.config import TransformerConfig
 from lmjax.embeddings import apply_rotary
 from lmjax.layers import Einsum
@@ -142,7 +148,7 @@ class MultiHeadAttention(nn.Module):
           end = (cache_ctx.lengths + cache_ctx.n_new)[:, None, None]
           j = jnp.arange(s)[None, None, :]
           mask = (j <= slot[:, :, None]) & (j < end)
-          out = grouped_attention(q, ck, cv, mask, "BKSH")
+          out = cached_attention(q, ck, cv, mask, jnp.max(end))
     o = Einsum((n, cfg.resolved_head_dim, cfg.model_dim), ("heads", "head_dim", "embed"),
                "BTNH,NHD->BTD", ("embed",) if cfg.use_bias else None, dtype=cfg.dtype,
                param_dtype=cfg.param_dtype, name="out")(out)

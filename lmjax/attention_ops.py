@@ -147,6 +147,44 @@ def grouped_attention(
   out = einsum_f32("BKQS,BKSH->BKQH", p.astype(v.dtype), v)
   return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
+# Slots per part of a KV cache that `cached_attention` reads up to (a cache of S slots has
+# min(MAX_PARTS, S // PART_SLOTS) parts).
+PART_SLOTS = 128
+MAX_PARTS = 8
+
+
+def cached_attention(q: Array, k: Array, v: Array, mask: Array, used: Array) -> Array:
+  """`grouped_attention` over a KV cache reading only its filled slots (to a part's end).
+
+  A decode step attends over every slot of the cache `[B, K, S, H]`, filled or not, although
+  slots at `used` and beyond are masked out: on a 2-core CPU one SmolLM2 step over 768 slots
+  spent 1.8 ms in attention (35 MB of keys and values) against 0.35 ms over 256. The cache's S
+  slots are cut into equal parts of at least `PART_SLOTS`, and `lax.switch` runs the attention
+  over the smallest prefix of whole parts that holds every row's `used` slots: the masked
+  slots left out contribute exact zeros, so the same attention up to summation order.
+
+  Args:
+    q: `[B, T, N, H]` queries.
+    k, v: `[B, K, S, H]` the cache.
+    mask: `[B, T, S]` boolean, False at every slot >= `used` (as well as where it says).
+    used: `[]` int32, the slots any row reads: `max(lengths + new tokens)`.
+
+  Returns:
+    `[B, T, N, H]` as `grouped_attention(q, k, v, mask, "BKSH")`.
+  """
+  s = k.shape[2]
+  parts = min(MAX_PARTS, s // PART_SLOTS)
+  if parts <= 1:
+    return grouped_attention(q, k, v, mask, "BKSH")
+  size = -(-s // parts)
+  ends = [min(s, size * (i + 1)) for i in range(parts)]
+
+  def prefix(n):
+    return lambda q, k, v, m: grouped_attention(q, k[:, :, :n], v[:, :, :n], m[..., :n], "BKSH")
+  index = jnp.clip((used + size - 1) // size - 1, 0, parts - 1)
+  return jax.lax.switch(index, [prefix(n) for n in ends], q, k, v, mask)
+
+
 _ATTENTION_FNS: dict[str, object] = {"reference": reference_attention}
 
 

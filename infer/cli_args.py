@@ -103,12 +103,12 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
                  help="round products' inputs to int8 where that is faster (a little less "
                       "accurate). --quant int8: products of more than 16 rows (a prompt's "
                       "prefill) quantize their inputs per token and multiply int8 x int8 in "
-                      "int32 (W8A8, lmjax.quant.packed_int), 2-16 rows (speculative checks) "
-                      "per group of 32 (lmjax.quant.cpu_int8); one-row decoding stays "
-                      "weight-only. --quant int4 / keep (Q4_0/Q4_1): products of up to 16 rows "
-                      "(decoding) round their inputs per group of 32 and take integer dot "
-                      "products on an x86-64 CPU (W4A8 as llama.cpp, lmjax.quant.cpu_int4). "
-                      "Packed weights only (not with --packed none)")
+                      "int32 (W8A8, lmjax.quant.packed_int), 1-16 rows (decoding, speculative "
+                      "checks) per group of 32 (lmjax.quant.cpu_int8). --quant int4 / keep "
+                      "(Q4_0/Q4_1): products of up to 16 rows (decoding) round their inputs per "
+                      "group of 32 and take integer dot products on an x86-64 CPU (W4A8 as "
+                      "llama.cpp, lmjax.quant.cpu_int4). Packed weights only (not with --packed "
+                      "none)")
   p.add_argument("--draft", help="speculative decoding (infer.speculative): 'ngram' (prompt "
                  "lookup) or a drafter model's name or path with the same tokenizer")
   p.add_argument("--draft-quant", choices=("int8", "int4", "nf4"),

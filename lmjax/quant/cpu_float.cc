@@ -12,7 +12,8 @@
 // up to summation order. Each weight row is read once for all M input rows (the product of a
 // speculative check or a small batch is memory bound, like one row's); the rows are split
 // between the calling thread and XLA's intra-op threads (`lmjax_cpu::Split`, cpu_kernels.h).
-// One input row: each thread reads four parts of its share side by side (as cpu_int8.cc).
+// One input row: each thread reads four parts of its share side by side
+// (`lmjax_cpu::RowPasses`).
 
 #include "cpu_kernels.h"
 
@@ -20,7 +21,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using lmjax_cpu::kAhead;
 using lmjax_cpu::Prefetch;
 
 #if defined(__AVX512F__)
@@ -75,26 +75,15 @@ void RowBlock(const Job<W>& j, int64_t n, int64_t m0, int64_t stride) {
     for (int r = 0; r < M; ++r) j.y[(m0 + r) * j.n + n + q * stride] = Sum(acc[q][r]);
 }
 
-// Rows [n0, n1) of the weights against input rows [m0, m0 + M). One input row: four weight
-// rows at a time from four equal parts of [n0, n1) (four streams through memory). More: R
-// contiguous rows at a time, prefetched kAhead rows ahead.
+// Rows [n0, n1) of the weights against input rows [m0, m0 + M) (`lmjax_cpu::RowPasses`).
 template <int M, class W>
 void Rows(const Job<W>& j, int64_t n0, int64_t n1, int64_t m0) {
-  int64_t n = n0;
-  if (M == 1) {
-    constexpr int kStreams = 4;
-    const int64_t part = (n1 - n0) / kStreams;
-    for (; n < n0 + part; ++n) RowBlock<M, kStreams>(j, n, m0, part);
-    n = n0 + kStreams * part;
-  } else {
-    constexpr int R = (M <= 4 && kLanes == 16) || M <= 2 ? 2 : 1;
-    for (; n + R <= n1; n += R) {
-      if (n + kAhead < n1)
-        for (int q = 0; q < R; ++q) Prefetch(j.w + (n + kAhead + q) * j.k, j.k * sizeof(W));
-      RowBlock<M, R>(j, n, m0, 1);
-    }
-  }
-  for (; n < n1; ++n) RowBlock<M, 1>(j, n, m0, 1);
+  lmjax_cpu::RowPasses<M, (M <= 4 && kLanes == 16) || M <= 2 ? 2 : 1>(
+      n0, n1,
+      [&](auto r, int64_t n, int64_t stride) {
+        RowBlock<M, decltype(r)::value>(j, n, m0, stride);
+      },
+      [&](int64_t n) { Prefetch(j.w + n * j.k, j.k * sizeof(W)); });
 }
 
 template <class W>

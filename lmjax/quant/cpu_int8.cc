@@ -15,7 +15,7 @@
 // multiplies its lanes in float32. AVX-512 VNNI: 64 weights per instruction; else 32. Each
 // weight row is read once for all M input rows; the rows are split between the calling thread
 // and XLA's intra-op threads (`lmjax_cpu::Split`, cpu_kernels.h). One input row (decoding):
-// each thread reads four parts of its share side by side (`Rows`).
+// each thread reads four parts of its share side by side (`lmjax_cpu::RowPasses`).
 
 #include <vector>
 
@@ -26,7 +26,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 using lmjax_cpu::Hsum;
-using lmjax_cpu::kAhead;
 using lmjax_cpu::Prefetch;
 
 struct Job {
@@ -66,7 +65,7 @@ inline __m256 Lanes8(const Job& j, __m256i v, int64_t row, int64_t at) {
 
 // R weight rows n, n + stride, ... against input rows [m0, m0 + M), 32 inputs at a time.
 template <int M, int R>
-void RowBlock(const Job& j, int64_t n, int64_t m0, int64_t stride = 1) {
+void RowBlock(const Job& j, int64_t n, int64_t m0, int64_t stride) {
   __m256 acc[R][M];
   for (int q = 0; q < R; ++q)
     for (int r = 0; r < M; ++r) acc[q][r] = _mm256_setzero_ps();
@@ -122,30 +121,15 @@ void RowBlockWide(const Job& j, int64_t n, int64_t m0, int64_t stride) {
 }
 #endif
 
-// Rows [n0, n1) of the weights against input rows [m0, m0 + M). One input row: kStreams
-// weight rows at a time, one from each of kStreams equal parts of [n0, n1), so that many
-// streams run through memory at once (one stream of contiguous rows with software prefetch
-// read 35 GB/s here, four 47-52 GB/s, 150 matrices 1536 x 576 chained, two threads).
-// More input rows: R contiguous rows at a time, prefetched kAhead rows ahead.
+// Rows [n0, n1) of the weights against input rows [m0, m0 + M) (`lmjax_cpu::RowPasses`).
 template <int M>
 void Rows(const Job& j, int64_t n0, int64_t n1, int64_t m0) {
-  int64_t n = n0;
-  if (M == 1) {
-    constexpr int kStreams = 4;
-    const int64_t part = (n1 - n0) / kStreams;
-    for (; n < n0 + part; ++n) {
-      RowBlockWide<M, kStreams>(j, n, m0, part);
-    }
-    n = n0 + kStreams * part;
-  } else {
-    constexpr int R = M <= 3 ? 2 : 1;
-    for (; n + R <= n1; n += R) {
-      if (n + kAhead < n1)
-        for (int q = 0; q < R; ++q) Prefetch(j.w + (n + kAhead + q) * j.k, j.k);
-      RowBlockWide<M, R>(j, n, m0, 1);
-    }
-  }
-  for (; n < n1; ++n) RowBlock<M, 1>(j, n, m0);
+  lmjax_cpu::RowPasses<M, M <= 3 ? 2 : 1>(
+      n0, n1,
+      [&](auto r, int64_t n, int64_t stride) {
+        RowBlockWide<M, decltype(r)::value>(j, n, m0, stride);
+      },
+      [&](int64_t n) { Prefetch(j.w + n * j.k, j.k); });
 }
 
 ffi::Error Int8MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,

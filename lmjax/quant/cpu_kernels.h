@@ -74,6 +74,32 @@ inline void QuantizeGroup(const float* x, int64_t n, int8_t* q, float* d, float*
   if (_mm256_movemask_ps(nan)) *d = *dsum = NAN;  // a NaN input: the group's outputs NaN
 }
 
+// Weight rows [n0, n1) against one pass of M input rows, in blocks: `block(std::integral_constant
+// <int, R>{}, n, stride)` computes the R weight rows n, n + stride, ..., `fetch(n)` prefetches
+// weight row n. One input row (decoding): kStreams rows at a time, one from each of kStreams
+// equal parts of [n0, n1), so that many streams run through memory at once (int8, 150
+// matrices 1536 x 576 chained, two threads: one stream with software prefetch 35 GB/s, four
+// 47-53; two, six, eight and four with prefetch slower). More input rows: R contiguous rows at
+// a time, prefetched kAhead rows ahead. The rows left over: one at a time.
+constexpr int kStreams = 4;
+template <int M, int R, class Block, class Fetch>
+void RowPasses(int64_t n0, int64_t n1, Block&& block, Fetch&& fetch) {
+  using std::integral_constant;
+  int64_t n = n0;
+  if constexpr (M == 1) {
+    const int64_t part = (n1 - n0) / kStreams;
+    for (; n < n0 + part; ++n) block(integral_constant<int, kStreams>{}, n, part);
+    n = n0 + kStreams * part;
+  } else {
+    for (; n + R <= n1; n += R) {
+      if (n + kAhead < n1)
+        for (int q = 0; q < R; ++q) fetch(n + kAhead + q);
+      block(integral_constant<int, R>{}, n, int64_t{1});
+    }
+  }
+  for (; n < n1; ++n) block(integral_constant<int, 1>{}, n, int64_t{1});
+}
+
 // Calls `f(std::integral_constant<int, M>{}, m0)` for passes of M <= kMaxRows input rows
 // from m0, covering rows [0, m): each weight row is read once per pass.
 template <class F>

@@ -3,8 +3,8 @@
 Each kernel is one C++ file beside this module (`cpu_int4.cc`, `cpu_int8.cc`, `cpu_float.cc`,
 sharing `cpu_kernels.h`), compiled on first use with the host's compiler (`$CXX`, else `g++`)
 for the host's CPU (`-march=native`; `$LMJAX_CPU_MARCH` names another target, e.g. `haswell`
-for the AVX2 code path or a cluster's oldest CPU) and registered with `jax.ffi`. The library is kept in
-`lmjax.compilation_cache.cache_root() / "kernels"`, named by a hash of the sources, the
+for the AVX2 code path or a cluster's oldest CPU) and registered with `jax.ffi`. The library
+is kept in `lmjax.compilation_cache.cache_root() / "kernels"`, named by a hash of the sources, the
 compiler and its flags, the jaxlib version and the CPU's flags; a build is made aside and
 renamed, so a crashed or concurrent build never leaves a broken library. Kernels run only on
 an x86-64 Linux host with AVX2 and FMA; `LMJAX_CPU_KERNELS=0` turns them off.

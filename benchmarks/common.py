@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -12,6 +13,18 @@ import jax
 import jax.numpy as jnp
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@contextlib.contextmanager
+def kernel_off(kernel_module, off: bool = True):
+  """While tracing: a CPU kernel module's `applies` answers False (XLA's path) when `off`."""
+  real = kernel_module.applies
+  if off:
+    kernel_module.applies = lambda *args: False
+  try:
+    yield
+  finally:
+    kernel_module.applies = real
 
 
 def block(x):

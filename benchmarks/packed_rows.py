@@ -25,7 +25,6 @@ Writes benchmarks/results/packed_rows.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -40,23 +39,11 @@ from lmjax import packed, packed_rows  # noqa: E402
 from lmjax.quant import cpu_float  # noqa: E402
 
 
-@contextlib.contextmanager
-def kernel_off(off: bool):
-  """While tracing: `lmjax.quant.cpu_float` never applies (XLA's paths) when `off`."""
-  real = cpu_float.applies
-  if off:
-    cpu_float.applies = lambda x, w: False
-  try:
-    yield
-  finally:
-    cpu_float.applies = real
-
-
 def forward(model, rows: int, kernel: bool = True):
   """A fresh jitted `(packed, tokens, cache) -> logits` traced under `limit(rows)`, with or
   without the CPU kernel."""
   def f(pk, tokens, cache):
-    with packed_rows.limit(rows), kernel_off(not kernel):
+    with packed_rows.limit(rows), common.kernel_off(cpu_float, not kernel):
       logits, _ = packed.apply(model, pk, tokens, cache=cache)
     return logits
   return jax.jit(f)

@@ -172,6 +172,12 @@ def cached_attention(q: Array, k: Array, v: Array, mask: Array, used: Array) -> 
   Returns:
     `[B, T, N, H]` as `grouped_attention(q, k, v, mask, "BKSH")`.
   """
+  from lmjax.quant import cpu_attention  # (lmjax.quant imports the model's modules)
+  return cpu_attention.attention(q, k, v, mask, used, _parts_attention)
+
+
+def _parts_attention(q: Array, k: Array, v: Array, mask: Array, used: Array) -> Array:
+  """`cached_attention` in XLA: the smallest prefix of whole parts holding `used` slots."""
   s = k.shape[2]
   parts = min(MAX_PARTS, s // PART_SLOTS)
   if parts <= 1:

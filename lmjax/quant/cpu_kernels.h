@@ -1,6 +1,7 @@
-// What lmjax's CPU kernels (cpu_int4.cc, cpu_int8.cc) share: rounding input rows to int8 per
-// group of 32 inputs, the dispatch over input-row counts, and splitting output rows between
-// the calling thread and XLA's intra-op thread pool.
+// What lmjax's CPU kernels (cpu_int4.cc, cpu_int8.cc, cpu_float.cc, cpu_attention.cc) share:
+// rounding input rows to int8 per group of 32 inputs, the dispatch over input-row counts, and
+// splitting output rows (or other units of work) between the calling thread and XLA's intra-op
+// thread pool.
 
 #pragma once
 
@@ -138,17 +139,18 @@ struct Shares {
   }
 };
 
-// Runs `rows(n0, n1)` over [0, n): one share for the calling thread and one for each of XLA's
-// intra-op threads (at most `$LMJAX_CPU_THREADS` in all when set), then waits for them.
+// Runs `rows(n0, n1)` over [0, n): one share (of at least `min_per` rows) for the calling
+// thread and one for each of XLA's intra-op threads (at most `$LMJAX_CPU_THREADS` in all when
+// set), then waits for them.
 template <class F>
-void Split(ffi::ThreadPool& pool, int64_t n, F rows) {
+void Split(ffi::ThreadPool& pool, int64_t n, F rows, int64_t min_per = 16) {
   static const int64_t most = [] {
     const char* env = std::getenv("LMJAX_CPU_THREADS");
     return env ? std::max(1, std::atoi(env)) : 1 << 30;
   }();
   const int64_t threads = std::min(most, std::max<int64_t>(1, pool.num_threads()));
   auto s = std::make_shared<Shares<F>>(std::move(rows), n,
-                                       std::max<int64_t>(16, (n + threads - 1) / threads));
+                                       std::max<int64_t>(min_per, (n + threads - 1) / threads));
   if (threads == 1 || s->count == 1) {
     s->Work();
     return;

@@ -121,39 +121,54 @@ def test_rotary_scores_depend_only_on_relative_position():
 
 
 @pytest.mark.parametrize("t", [1, 5])
-def test_cached_attention_reads_only_filled_parts(t):
+@pytest.mark.parametrize("path", ["xla", "kernel"])
+def test_cached_attention_reads_only_filled_parts(t, path, monkeypatch):
   """A 512-slot cache (4 parts of 128): rows filled to different lengths, `used` at and
   around part boundaries, against attention over every slot; stale values beyond `used`
-  (a rolled-back draft's) change nothing."""
+  (a rolled-back draft's) change nothing. Through XLA (parts) and through the CPU kernel
+  (`lmjax.quant.cpu_attention`, where it is available)."""
   from lmjax.attention_ops import cached_attention, grouped_attention
+  from lmjax.quant import cpu_attention
+  if path == "xla":
+    monkeypatch.setattr(cpu_attention, "applies", lambda q, k: False)
+  elif not cpu_attention.available():
+    pytest.skip("the CPU attention kernel needs an x86-64 Linux CPU with AVX2")
   rng = np.random.default_rng(t)
   b, s, n, kh, h = 3, 512, 4, 2, 16
   q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
   k, v = (jnp.asarray(rng.standard_normal((b, kh, s, h)) * 3, jnp.float32) for _ in range(2))
-  f = jax.jit(cached_attention)
-  for used in (1, 127, 128, 129, 300, 384, 385, 512):
+  f = jax.jit(lambda *a: cached_attention(*a))  # a fresh trace (not the other path's)
+  assert (cpu_attention.TARGETS[jnp.dtype(jnp.float32)][1] in f.lower(
+      q, k, v, jnp.ones((b, t, s), bool), jnp.int32(1)).as_text()) == (path == "kernel")
+  for used in (u for u in (1, 127, 128, 129, 300, 384, 385, 512) if u >= t):
     lengths = jnp.asarray([max(0, used - t - 40), max(0, used - t - 7), used - t])
     slot = lengths[:, None] + jnp.arange(t)[None, :]
     j = jnp.arange(s)[None, None, :]
     mask = (j <= slot[:, :, None]) & (j < (lengths + t)[:, None, None])
     want = np.asarray(grouped_attention(q, k, v, mask, "BKSH"), np.float64)
     got = f(q, k, v, mask, jnp.int32(used))
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)  # |v| ~3: float32 sums
   # A part too few would drop the last row's newest slots: the outputs move.
   short = f(q, k, v, mask, jnp.int32(384))
   assert np.abs(np.asarray(short) - want).max() > 1e-3
 
 
-def test_decode_over_a_long_cache_equals_recompute():
-  """A tiny model's cached step of 3 tokens after a 290-token prefill in a 512-slot cache (the
-  parts path) against the whole sequence without a cache."""
-  cfg = tiny("causal", max_len=512)
+@pytest.mark.parametrize("head_dim", [8, 16])
+def test_decode_over_a_long_cache_equals_recompute(head_dim):
+  """A tiny model's cached step of 3 tokens after a 290-token prefill in a 512-slot cache
+  against the whole sequence without a cache: head dim 8 through XLA's parts, 16 through the
+  CPU kernel where it is available."""
+  from lmjax.quant import cpu_attention
+  cfg = tiny("causal", max_len=512, model_dim=4 * head_dim)
   model = lmjax.model_for(cfg)
   x = tokens(3, 1, 293)
   params = init(cfg, x)[1]
   cache = lmjax.init_cache(cfg, 1, 512)
   _, cache = model.apply({"params": params}, x[:, :290], cache=cache, prefill=True)
-  got, _ = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c))(params, x[:, 290:],
-                                                                          cache)
+  step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, cache=c))
+  kernel = cpu_attention.TARGETS[jnp.dtype(jnp.float32)][1] in step.lower(
+      params, x[:, 290:], cache).as_text()
+  assert kernel == (head_dim == 16 and cpu_attention.available())
+  got, _ = step(params, x[:, 290:], cache)
   want = model.apply({"params": params}, x)[:, 290:]
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)

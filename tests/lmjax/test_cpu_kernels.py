@@ -1,5 +1,6 @@
-"""The hand-written CPU products (`lmjax.quant.cpu_int4`, `lmjax.quant.cpu_int8`,
-`lmjax.quant.cpu_float`): each custom call against float64 numpy of its stated math (inputs
+"""The hand-written CPU kernels (`lmjax.quant.cpu_int4`, `lmjax.quant.cpu_int8`,
+`lmjax.quant.cpu_float`, `lmjax.quant.cpu_attention`): each custom call against float64 numpy
+of its stated math (inputs
 rounded to int8 per group, integer dot products, the scales; float products), the AVX2 build
 (`$LMJAX_CPU_MARCH=haswell`) against the same, a packed int4 model's decoding against
 `model.apply` on dequantized weights with each projection's input rounded the same way, where
@@ -19,12 +20,14 @@ import pytest
 import infer
 import lmjax
 from lmjax import packed
-from lmjax.quant import cpu_build, cpu_float, cpu_int4, cpu_int8, packed_int4
+from lmjax.attention_ops import cached_attention
+from lmjax.quant import cpu_attention, cpu_build, cpu_float, cpu_int4, cpu_int8, packed_int4
 from tests.lmjax.activation_fixtures import rounded_apply
 from tests.lmjax.helpers import random_params, tiny, tokens
 
 pytestmark = pytest.mark.skipif(not (cpu_int4.available() and cpu_int8.available()
-                                     and cpu_float.available(jnp.bfloat16)),
+                                     and cpu_float.available(jnp.bfloat16)
+                                     and cpu_attention.available(jnp.bfloat16)),
                                 reason="the CPU kernels need an x86-64 Linux CPU with AVX2 and a "
                                 "C++20 compiler")
 
@@ -197,6 +200,79 @@ def test_float_kernel_applies_to_16s():
   assert not cpu_float.applies(x, w.astype(jnp.float16))
 
 
+ATTENTION_CASES = [  # (B, T, N, K, S, H, cache dtype, used)
+    (1, 1, 9, 3, 256, 64, "float32", 190), (2, 5, 8, 2, 300, 64, "float32", 300),
+    (3, 1, 4, 4, 130, 128, "bfloat16", 77), (2, 16, 6, 3, 64, 32, "bfloat16", 64),
+    (1, 2, 2, 1, 17, 16, "float32", 9), (2, 3, 4, 2, 40, 272, "float32", 33)]
+
+
+def _attention_case(b, t, n, kh, s, h, dtype, used):
+  """Queries, a cache with stale values beyond `used` and a decode mask: row b's T tokens at
+  slots lengths[b] .. used - 1 - (B - 1 - b); row 1 (when there is one) sees no slot."""
+  rng = np.random.default_rng(b * t * s + h)
+  q = (rng.standard_normal((b, t, n, h)) * 2).astype(np.float32)
+  k, v = (jnp.asarray(rng.standard_normal((b, kh, s, h)) * 2, dtype) for _ in range(2))
+  ends = np.maximum(np.asarray([used - i for i in range(b)][::-1]), t)
+  slot = (ends - t)[:, None] + np.arange(t)[None, :]
+  j = np.arange(s)[None, None, :]
+  mask = (j <= slot[:, :, None]) & (j < ends[:, None, None])
+  if b > 1:
+    mask[1] = False
+  return q, k, v, mask
+
+
+def _np_attention(q, k, v, mask, round_p):
+  """float64 softmax attention (kv head n // G), zeros where a query sees nothing; p rounded
+  to `round_p` (the cache dtype) before it weighs v, as `grouped_attention` does."""
+  g = q.shape[2] // k.shape[1]
+  k, v = (np.repeat(np.asarray(a.astype(jnp.float32), np.float64), g, axis=1) for a in (k, v))
+  sc = np.einsum("btnh,bnsh->btns", np.asarray(q, np.float64), k) / np.sqrt(q.shape[-1])
+  sc = np.where(mask[:, :, None], sc, -np.inf)
+  top = sc.max(-1, keepdims=True)
+  e = np.where(mask[:, :, None], np.exp(sc - np.where(np.isfinite(top), top, 0)), 0)
+  p = e / np.maximum(e.sum(-1, keepdims=True), 1e-300)
+  p = np.asarray(jnp.asarray(p, jnp.float32).astype(round_p).astype(jnp.float32), np.float64)
+  return np.einsum("btns,bnsh->btnh", p, v), np.einsum("btns,bnsh->btnh", p, np.abs(v))
+
+
+def _assert_attention_close(got, want, size, dtype):
+  """float32 rounding of the terms; with a bfloat16 cache a p within float32 rounding of a
+  bfloat16 tie may round the other way (one bfloat16 step of that term): few outputs."""
+  close = np.abs(got - want) <= 2e-6 * size + 1e-7
+  if dtype == jnp.bfloat16:
+    assert np.all(np.abs(got - want) <= 2.0 ** -8 * size + 1e-7) and close.mean() > 0.99
+  else:
+    assert close.all()
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_cached_attention_kernel_equals_float64_reference(case):
+  """Group sizes 1-4, 1-16 new tokens, `used` not a multiple of the 8-key blocks, head dims
+  16-272 (more than the 16 vectors kept in registers), a row that sees no slot, bfloat16 caches
+  (p rounded to bfloat16 first); stale values beyond `used` never read."""
+  q, k, v, mask = _attention_case(*case)
+  used = jnp.int32(case[-1])
+  assert cpu_attention.applies(jnp.asarray(q), k)
+  f = jax.jit(lambda *a: cached_attention(*a))  # a fresh trace (not the other path's)
+  assert cpu_attention.TARGETS[jnp.dtype(case[6])][1] in f.lower(q, k, v, mask, used).as_text()
+  want, size = _np_attention(q, k, v, mask, k.dtype)
+  got = np.asarray(f(q, k, v, mask, used), np.float64)
+  _assert_attention_close(got, want, size, k.dtype)
+  if case[0] > 1:
+    assert not got[1].any()  # sees nothing: zeros
+  stale = k.at[:, :, case[-1]:].set(jnp.nan), v.at[:, :, case[-1]:].set(jnp.nan)
+  np.testing.assert_array_equal(np.asarray(f(q, *stale, mask, used)), got.astype(np.float32))
+
+
+def test_cached_attention_kernel_applies():
+  q, k = jnp.zeros((1, 1, 9, 64)), jnp.zeros((1, 3, 256, 64))
+  assert cpu_attention.applies(q, k) and cpu_attention.applies(q, k.astype(jnp.bfloat16))
+  assert cpu_attention.applies(jnp.zeros((1, cpu_attention.MAX_TOKENS, 9, 64)), k)
+  assert not cpu_attention.applies(jnp.zeros((1, cpu_attention.MAX_TOKENS + 1, 9, 64)), k)
+  assert not cpu_attention.applies(jnp.zeros((1, 1, 9, 40)), jnp.zeros((1, 3, 256, 40)))
+  assert not cpu_attention.applies(q, k.astype(jnp.float16))
+
+
 def _float_dot(x, w):
   return jnp.dot(x, w.astype(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
 
@@ -205,10 +281,13 @@ def _int8_loop(x, w, s):
   return jnp.dot(packed._flat_copy(x), w.astype(jnp.float32).T) * s.T
 
 
+KERNELS = ("cpu_int4", "cpu_int8", "cpu_float", "cpu_attention")
 _AVX2_RUN = """
 import json, sys
 import numpy as np, jax, jax.numpy as jnp
-from lmjax.quant import cpu_build, cpu_float, cpu_int4, cpu_int8, packed_int4
+from lmjax.attention_ops import cached_attention
+from lmjax.quant import cpu_attention, cpu_build, cpu_float, cpu_int4, cpu_int8, packed_int4
+KERNELS = {kernels!r}
 assert cpu_int4.available() and cpu_int8.available()
 data = np.load(sys.argv[1])
 f4 = jax.jit(lambda x, b, s: cpu_int4.matmul_t(
@@ -221,10 +300,15 @@ assert cpu_int4.TARGET in f4.lower(*a4).as_text() and cpu_int8.TARGET in f8.lowe
 ff = jax.jit(lambda x, w: cpu_float.matmul_t(x, w, lambda x, w: x @ w.astype(jnp.float32).T))
 af = [(data[x], jnp.asarray(data[w], jnp.bfloat16)) for x, w in (("xf1", "wf1"), ("xf5", "wf5"))]
 assert "lmjax_bf16_matmul_t" in ff.lower(*af[0]).as_text()
+assert cpu_attention.available(jnp.bfloat16)
+aa = (data["qa"], jnp.asarray(data["ka"], jnp.bfloat16), jnp.asarray(data["va"], jnp.bfloat16),
+      data["ma"], jnp.int32(data["ua"]))
+fa = jax.jit(cached_attention)
+assert "lmjax_cached_attention_bf16" in fa.lower(*aa).as_text()
 np.savez(sys.argv[2], int4=np.asarray(f4(*a4)), int8=np.asarray(f8(*a8)),
-         float1=np.asarray(ff(*af[0])), float5=np.asarray(ff(*af[1])))
-print(json.dumps([cpu_build.build(n).name for n in ("cpu_int4", "cpu_int8", "cpu_float")]))
-"""
+         float1=np.asarray(ff(*af[0])), float5=np.asarray(ff(*af[1])), att=np.asarray(fa(*aa)))
+print(json.dumps([cpu_build.build(n).name for n in KERNELS]))
+""".replace("{kernels!r}", repr(KERNELS))
 
 
 @pytest.mark.slow
@@ -239,16 +323,18 @@ def test_avx2_build_equals_float64_reference(tmp_path):
   x8, w8, s8 = _int8_case(5, 23, 96, 8)
   (xf1, wf1), (xf5, wf5) = (_float_case(1, 37, 48, jnp.bfloat16),
                             _float_case(5, 19, 64, jnp.bfloat16))
+  acase = (2, 3, 6, 3, 70, 32, "bfloat16", 61)  # 8-lane vectors: 4 per head
+  qa, ka, va, ma = _attention_case(*acase)
   np.savez(tmp_path / "in.npz", x4=x4, b4=b4, s4=s4, x8=x8, w8=w8, s8=s8, xf1=xf1, xf5=xf5,
-           wf1=np.asarray(wf1, np.float32), wf5=np.asarray(wf5, np.float32))
+           wf1=np.asarray(wf1, np.float32), wf5=np.asarray(wf5, np.float32), qa=qa,
+           ka=np.asarray(ka, np.float32), va=np.asarray(va, np.float32), ma=ma, ua=acase[-1])
   env = dict(os.environ, LMJAX_CPU_MARCH="haswell")
   done = subprocess.run([sys.executable, "-c", _AVX2_RUN, str(tmp_path / "in.npz"),
                          str(tmp_path / "out.npz")], env=env, capture_output=True, text=True,
                         cwd=Path(__file__).resolve().parents[2])
   assert done.returncode == 0, done.stderr[-3000:]
   built = json.loads(done.stdout.strip().splitlines()[-1])
-  assert not {cpu_build.build(n).name for n in ("cpu_int4", "cpu_int8", "cpu_float")} & set(
-      built)
+  assert not {cpu_build.build(n).name for n in KERNELS} & set(built)
   out = np.load(tmp_path / "out.npz")
   for got, (want, size) in ((out["int4"], _np_product(x4, b4, s4)),
                             (out["int8"], _np_product8(x8, w8, s8))):
@@ -256,6 +342,8 @@ def test_avx2_build_equals_float64_reference(tmp_path):
   for got, (x, w) in ((out["float1"], (xf1, wf1)), (out["float5"], (xf5, wf5))):
     want, size = _np_float_product(x, w)
     assert np.all(np.abs(np.asarray(got, np.float64) - want) <= 1e-6 * size + 1e-30)
+  want, size = _np_attention(qa, ka, va, ma, jnp.bfloat16)
+  _assert_attention_close(np.asarray(out["att"], np.float64), want, size, jnp.bfloat16)
 
 
 def _xla_loop(x, b, s):

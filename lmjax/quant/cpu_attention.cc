@@ -11,8 +11,9 @@
 //
 // reading only slots s < used (the caller guarantees the mask is False beyond). A row that sees
 // no slot gives zeros. Scores and sums in float32 (bfloat16 widened exactly); with a bfloat16
-// cache p is rounded to bfloat16 before it weighs v, as the XLA function does. The (b, kv head)
-// pairs are split between the calling thread and XLA's intra-op threads.
+// cache p is rounded to bfloat16 before it weighs v, as the XLA function does. Work items of
+// (b, kv head, a chunk of its query rows) are split between the calling thread and XLA's
+// intra-op threads (`lmjax_cpu::Split`).
 
 #include <limits>
 #include <vector>
@@ -166,8 +167,8 @@ void Weigh(const Job<KV>& j, int64_t bi, int64_t ki, int64_t r0, const float* p)
 constexpr int kScoreRows = 3;  // query rows scored together (8 keys each: 24 accumulators)
 
 // Scores of query rows [r0, r0 + R) of unit (bi, ki) against slots [0, used), scaled, into
-// the R rows of `stride` floats at `sc`: 8 keys at a time, each key vector loaded once for the R rows, the
-// 8 lane sums of a row taken together (`Sum8`).
+// the R rows of `stride` floats at `sc`: 8 keys at a time, each key vector loaded once for the
+// R rows, the 8 lane sums of a row taken together (`Sum8`).
 template <int R, class KV>
 void Scores(const Job<KV>& j, int64_t bi, int64_t ki, int64_t r0, float* sc, int64_t stride) {
   const int64_t g = j.n / j.kh, hv = j.h / kLanes;

@@ -271,6 +271,8 @@ def test_cached_attention_kernel_applies():
   assert not cpu_attention.applies(jnp.zeros((1, cpu_attention.MAX_TOKENS + 1, 9, 64)), k)
   assert not cpu_attention.applies(jnp.zeros((1, 1, 9, 40)), jnp.zeros((1, 3, 256, 40)))
   assert not cpu_attention.applies(q, k.astype(jnp.float16))
+  with jax.set_mesh(jax.make_mesh((2,), ("data",))):  # a sharded cache: XLA's path
+    assert not cpu_attention.applies(q, k)
 
 
 def _float_dot(x, w):

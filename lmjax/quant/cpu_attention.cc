@@ -24,22 +24,10 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using namespace lmjax_cpu::vec;  // NOLINT: the float vector wrappers
+
 #if defined(__AVX512F__)
-using V = __m512;
-constexpr int64_t kLanes = 16;
-inline V Set(float a) { return _mm512_set1_ps(a); }
-inline V Load(const float* p) { return _mm512_loadu_ps(p); }
-inline V Load(const uint16_t* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
-inline V Add(V a, V b) { return _mm512_add_ps(a, b); }
-inline V Mul(V a, V b) { return _mm512_mul_ps(a, b); }
 inline V Div(V a, V b) { return _mm512_div_ps(a, b); }
-inline V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-inline V Max(V a, V b) { return _mm512_max_ps(a, b); }
-inline float Sum(V v) { return _mm512_reduce_add_ps(v); }
 inline float MaxOf(V v) { return _mm512_reduce_max_ps(v); }
 inline V Round(V v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT); }
 inline V Pow2(V n) {  // 2^n for integral n in [-126, 127]
@@ -62,21 +50,7 @@ inline V ToBf16(V v) {  // rounded to the nearest bfloat16, ties to even (finite
   return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(~0xffff)));
 }
 #else
-using V = __m256;
-constexpr int64_t kLanes = 8;
-inline V Set(float a) { return _mm256_set1_ps(a); }
-inline V Load(const float* p) { return _mm256_loadu_ps(p); }
-inline V Load(const uint16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
-inline V Add(V a, V b) { return _mm256_add_ps(a, b); }
-inline V Mul(V a, V b) { return _mm256_mul_ps(a, b); }
 inline V Div(V a, V b) { return _mm256_div_ps(a, b); }
-inline V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-inline V Max(V a, V b) { return _mm256_max_ps(a, b); }
-inline float Sum(V v) { return lmjax_cpu::Hsum(v); }
 inline float MaxOf(V v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));

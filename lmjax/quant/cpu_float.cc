@@ -12,8 +12,8 @@
 // up to summation order. Each weight row is read once for all M input rows (the product of a
 // speculative check or a small batch is memory bound, like one row's); the rows are split
 // between the calling thread and XLA's intra-op threads (`lmjax_cpu::Split`, cpu_kernels.h).
-// One input row: each thread reads four parts of its share side by side
-// (`lmjax_cpu::RowPasses`).
+// Each thread reads several parts of its share side by side (`lmjax_cpu::RowPasses`; with
+// AVX-512 four for up to 5 input rows, three for 6-7, two for 8; AVX2: four for one row).
 
 #include "cpu_kernels.h"
 
@@ -23,31 +23,7 @@ namespace {
 
 using lmjax_cpu::Prefetch;
 
-#if defined(__AVX512F__)
-using V = __m512;
-constexpr int64_t kLanes = 16;
-inline V Zero() { return _mm512_setzero_ps(); }
-inline V LoadX(const float* p) { return _mm512_loadu_ps(p); }
-inline V Widen(const float* p) { return _mm512_loadu_ps(p); }
-inline V Widen(const uint16_t* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-inline float Sum(V v) { return _mm512_reduce_add_ps(v); }
-#else
-using V = __m256;
-constexpr int64_t kLanes = 8;
-inline V Zero() { return _mm256_setzero_ps(); }
-inline V LoadX(const float* p) { return _mm256_loadu_ps(p); }
-inline V Widen(const float* p) { return _mm256_loadu_ps(p); }
-inline V Widen(const uint16_t* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-inline float Sum(V v) { return lmjax_cpu::Hsum(v); }
-#endif
+using namespace lmjax_cpu::vec;  // NOLINT: the float vector wrappers
 
 template <class W>
 struct Job {
@@ -65,9 +41,9 @@ void RowBlock(const Job<W>& j, int64_t n, int64_t m0, int64_t stride) {
     for (int r = 0; r < M; ++r) acc[q][r] = Zero();
   for (int64_t at = 0; at < j.k; at += kLanes) {
     V xv[M];
-    for (int r = 0; r < M; ++r) xv[r] = LoadX(j.x + (m0 + r) * j.k + at);
+    for (int r = 0; r < M; ++r) xv[r] = Load(j.x + (m0 + r) * j.k + at);
     for (int q = 0; q < R; ++q) {
-      const V w = Widen(j.w + (n + q * stride) * j.k + at);
+      const V w = Load(j.w + (n + q * stride) * j.k + at);
       for (int r = 0; r < M; ++r) acc[q][r] = Fma(w, xv[r], acc[q][r]);
     }
   }
@@ -78,7 +54,8 @@ void RowBlock(const Job<W>& j, int64_t n, int64_t m0, int64_t stride) {
 // Rows [n0, n1) of the weights against input rows [m0, m0 + M) (`lmjax_cpu::RowPasses`).
 template <int M, class W>
 void Rows(const Job<W>& j, int64_t n0, int64_t n1, int64_t m0) {
-  lmjax_cpu::RowPasses<M, (M <= 4 && kLanes == 16) || M <= 2 ? 2 : 1>(
+  lmjax_cpu::RowPasses<M, (M <= 4 && kLanes == 16) || M <= 2 ? 2 : 1,
+                       kLanes == 16 ? (M <= 5 ? 4 : M <= 7 ? 3 : 2) : 0>(
       n0, n1,
       [&](auto r, int64_t n, int64_t stride) {
         RowBlock<M, decltype(r)::value>(j, n, m0, stride);

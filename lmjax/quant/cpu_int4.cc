@@ -58,7 +58,7 @@ inline __m256i Dot(__m256i acc, __m256i u, __m256i v) {  // acc += u8 x s8, 4 pe
 // R weight rows from n against input rows [m0, m0 + M); the group's two scales applied in
 // float32 to the 8 lanes of its integer dot product.
 template <int M, int R>
-void RowBlock(const Job& j, int64_t n, int64_t m0) {
+void RowBlock(const Job& j, int64_t n, int64_t m0, int64_t stride = 1) {
   const int64_t half = j.k / 2, g2 = j.g / 2;
   const __m256i mask = _mm256_set1_epi8(15);
   __m256 acc[R][M];
@@ -72,7 +72,7 @@ void RowBlock(const Job& j, int64_t n, int64_t m0) {
     for (int64_t at = g * j.gs; at < (g + 1) * j.gs; at += 32) {
       for (int q = 0; q < R; ++q) {
         const __m256i v = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(j.b + (n + q) * half + at));
+            reinterpret_cast<const __m256i*>(j.b + (n + q * stride) * half + at));
         const __m256i lo = _mm256_and_si256(v, mask);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
         for (int r = 0; r < M; ++r) {
@@ -85,7 +85,7 @@ void RowBlock(const Job& j, int64_t n, int64_t m0) {
       }
     }
     for (int q = 0; q < R; ++q) {
-      const float* sc = j.scale + (n + q) * j.g * 2;
+      const float* sc = j.scale + (n + q * stride) * j.g * 2;
       for (int r = 0; r < M; ++r) {
         const float* sx = j.sx + (m0 + r) * j.g;
         const float* xs = j.xsum + (m0 + r) * j.g;
@@ -98,7 +98,8 @@ void RowBlock(const Job& j, int64_t n, int64_t m0) {
     }
   }
   for (int q = 0; q < R; ++q)
-    for (int r = 0; r < M; ++r) j.y[(m0 + r) * j.n + n + q] = Hsum(acc[q][r]) + off[q][r];
+    for (int r = 0; r < M; ++r)
+      j.y[(m0 + r) * j.n + n + q * stride] = Hsum(acc[q][r]) + off[q][r];
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -111,7 +112,7 @@ inline __mmask16 Lanes(int64_t n) {  // the first n of 16 lanes
 // chunk's 32 low-half inputs, then its 32 high-half ones); the groups' combined scales
 // (scale * sx) are made 16 at a time per row before its dot products.
 template <int M, int R>
-void RowBlockWide(const Job& j, int64_t n, int64_t m0) {
+void RowBlockWide(const Job& j, int64_t n, int64_t m0, int64_t stride = 1) {
   const int64_t half = j.k / 2, g2 = j.g / 2, per = j.gs / 32;  // chunks per group
   const __m512i mask = _mm512_set1_epi8(15);
   const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
@@ -120,7 +121,7 @@ void RowBlockWide(const Job& j, int64_t n, int64_t m0) {
   alignas(64) float cs[R][M][kMaxGroups];
   float off[R][M];
   for (int q = 0; q < R; ++q) {
-    const float* sc = j.scale + (n + q) * j.g * 2;
+    const float* sc = j.scale + (n + q * stride) * j.g * 2;
     for (int r = 0; r < M; ++r) {
       const float* sx = j.sx + (m0 + r) * j.g;
       const float* xs = j.xsum + (m0 + r) * j.g;
@@ -149,7 +150,7 @@ void RowBlockWide(const Job& j, int64_t n, int64_t m0) {
     for (int64_t c = g * per; c < (g + 1) * per; ++c) {
       for (int q = 0; q < R; ++q) {
         const __m256i v = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(j.b + (n + q) * half + 32 * c));
+            reinterpret_cast<const __m256i*>(j.b + (n + q * stride) * half + 32 * c));
         const __m512i codes = _mm512_and_si512(
             _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1), mask);
         for (int r = 0; r < M; ++r)
@@ -166,29 +167,31 @@ void RowBlockWide(const Job& j, int64_t n, int64_t m0) {
   }
   for (int q = 0; q < R; ++q)
     for (int r = 0; r < M; ++r)
-      j.y[(m0 + r) * j.n + n + q] = _mm512_reduce_add_ps(acc[q][r]) + off[q][r];
+      j.y[(m0 + r) * j.n + n + q * stride] = _mm512_reduce_add_ps(acc[q][r]) + off[q][r];
 }
 #else
 constexpr bool kWide = false;
 template <int M, int R>
-void RowBlockWide(const Job& j, int64_t n, int64_t m0) { RowBlock<M, R>(j, n, m0); }
+void RowBlockWide(const Job& j, int64_t n, int64_t m0, int64_t stride = 1) {
+  RowBlock<M, R>(j, n, m0, stride);
+}
 #endif
 
-// Rows [n0, n1) of the weights against input rows [m0, m0 + M).
+// Rows [n0, n1) of the weights against input rows [m0, m0 + M): one input row reads four parts
+// of them side by side, more rows contiguous blocks (`lmjax_cpu::RowPasses`).
 template <int M>
 void Rows(const Job& j, int64_t n0, int64_t n1, int64_t m0) {
-  constexpr int R = M == 1 ? 4 : M <= 3 ? 2 : 1;
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) {
-    if (n + kAhead < n1) {
-      for (int q = 0; q < R; ++q) {
-        Prefetch(j.b + (n + kAhead + q) * (j.k / 2), j.k / 2);
-        Prefetch(j.scale + (n + kAhead + q) * j.g * 2, j.g * 8);
-      }
-    }
-    if (kWide && j.g <= kMaxGroups) RowBlockWide<M, R>(j, n, m0); else RowBlock<M, R>(j, n, m0);
-  }
-  for (; n < n1; ++n) RowBlock<M, 1>(j, n, m0);
+  lmjax_cpu::RowPasses<M, M <= 3 ? 2 : 1>(
+      n0, n1,
+      [&](auto r, int64_t n, int64_t stride) {
+        constexpr int R = decltype(r)::value;
+        if (kWide && j.g <= kMaxGroups) RowBlockWide<M, R>(j, n, m0, stride);
+        else RowBlock<M, R>(j, n, m0, stride);
+      },
+      [&](int64_t n) {
+        Prefetch(j.b + n * (j.k / 2), j.k / 2);
+        Prefetch(j.scale + n * j.g * 2, j.g * 8);
+      });
 }
 
 ffi::Error Int4MatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> b,

@@ -14,8 +14,9 @@
 // |w| times the inputs with w's sign (vpmaddubsw cannot overflow then). The group's scale sx
 // multiplies its lanes in float32. AVX-512 VNNI: 64 weights per instruction; else 32. Each
 // weight row is read once for all M input rows; the rows are split between the calling thread
-// and XLA's intra-op threads (`lmjax_cpu::Split`, cpu_kernels.h). One input row (decoding):
-// each thread reads four parts of its share side by side (`lmjax_cpu::RowPasses`).
+// and XLA's intra-op threads (`lmjax_cpu::Split`, cpu_kernels.h). Up to four input rows
+// (decoding, small checks): each thread reads four parts of its share side by side, more rows
+// two (`lmjax_cpu::RowPasses`).
 
 #include <vector>
 
@@ -124,7 +125,7 @@ void RowBlockWide(const Job& j, int64_t n, int64_t m0, int64_t stride) {
 // Rows [n0, n1) of the weights against input rows [m0, m0 + M) (`lmjax_cpu::RowPasses`).
 template <int M>
 void Rows(const Job& j, int64_t n0, int64_t n1, int64_t m0) {
-  lmjax_cpu::RowPasses<M, M <= 3 ? 2 : 1>(
+  lmjax_cpu::RowPasses<M, M <= 3 ? 2 : 1, M <= 4 ? 4 : 2>(
       n0, n1,
       [&](auto r, int64_t n, int64_t stride) {
         RowBlockWide<M, decltype(r)::value>(j, n, m0, stride);

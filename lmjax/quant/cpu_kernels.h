@@ -33,6 +33,45 @@ inline float Hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Float vectors of the widest width the build has (16 lanes with AVX-512, else 8), for the
+// float kernels (cpu_float.cc, cpu_attention.cc): bfloat16 is loaded widened exactly (its bits
+// shifted up 16 places); `Sum` adds a vector's lanes.
+namespace vec {
+#if defined(__AVX512F__)
+using V = __m512;
+constexpr int64_t kLanes = 16;
+inline V Zero() { return _mm512_setzero_ps(); }
+inline V Set(float a) { return _mm512_set1_ps(a); }
+inline V Load(const float* p) { return _mm512_loadu_ps(p); }
+inline V Load(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline V Add(V a, V b) { return _mm512_add_ps(a, b); }
+inline V Mul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V Max(V a, V b) { return _mm512_max_ps(a, b); }
+inline float Sum(V v) { return _mm512_reduce_add_ps(v); }
+#else
+using V = __m256;
+constexpr int64_t kLanes = 8;
+inline V Zero() { return _mm256_setzero_ps(); }
+inline V Set(float a) { return _mm256_set1_ps(a); }
+inline V Load(const float* p) { return _mm256_loadu_ps(p); }
+inline V Load(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline V Add(V a, V b) { return _mm256_add_ps(a, b); }
+inline V Mul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V Max(V a, V b) { return _mm256_max_ps(a, b); }
+inline float Sum(V v) { return Hsum(v); }
+#endif
+}  // namespace vec
+
 // Prefetches `bytes` bytes from `p` into L1 (the hardware prefetcher alone left loads waiting).
 inline void Prefetch(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
@@ -77,20 +116,23 @@ inline void QuantizeGroup(const float* x, int64_t n, int8_t* q, float* d, float*
 
 // Weight rows [n0, n1) against one pass of M input rows, in blocks: `block(std::integral_constant
 // <int, R>{}, n, stride)` computes the R weight rows n, n + stride, ..., `fetch(n)` prefetches
-// weight row n. One input row (decoding): kStreams rows at a time, one from each of kStreams
-// equal parts of [n0, n1), so that many streams run through memory at once (int8, 150
-// matrices 1536 x 576 chained, two threads: one stream with software prefetch 35 GB/s, four
-// 47-53; two, six, eight and four with prefetch slower). More input rows: R contiguous rows at
-// a time, prefetched kAhead rows ahead. The rows left over: one at a time.
+// weight row n. With S streams (S > 1; by default kStreams for one input row, else 1): S rows at
+// a time, one from each of S equal parts of [n0, n1), so that many streams run through memory
+// at once (int8, one row, 150 matrices 1536 x 576 chained, two threads: one stream with
+// software prefetch 35 GB/s, four 47-53; two, six, eight and four with prefetch slower; float32
+// weights and 2-5 rows, SmolLM2's layers one product after another: four streams 1.5-1.9x R
+// contiguous rows). One stream: R contiguous rows at a time, prefetched kAhead rows ahead
+// (products that turn compute bound with more rows). The rows left over: one at a time.
 constexpr int kStreams = 4;
-template <int M, int R, class Block, class Fetch>
+template <int M, int R, int S = 0, class Block, class Fetch>
 void RowPasses(int64_t n0, int64_t n1, Block&& block, Fetch&& fetch) {
   using std::integral_constant;
+  constexpr int streams = S ? S : (M == 1 ? kStreams : 1);
   int64_t n = n0;
-  if constexpr (M == 1) {
-    const int64_t part = (n1 - n0) / kStreams;
-    for (; n < n0 + part; ++n) block(integral_constant<int, kStreams>{}, n, part);
-    n = n0 + kStreams * part;
+  if constexpr (streams > 1) {
+    const int64_t part = (n1 - n0) / streams;
+    for (; n < n0 + part; ++n) block(integral_constant<int, streams>{}, n, part);
+    n = n0 + streams * part;
   } else {
     for (; n + R <= n1; n += R) {
       if (n + kAhead < n1)

@@ -28,7 +28,10 @@ def tiny(family: str = "causal", **overrides) -> lmjax.TransformerConfig:
 
 def init(cfg: lmjax.TransformerConfig, *inputs, seed: int = 0):
   model = lmjax.model_for(cfg)
-  params = nn.meta.unbox(model.init(jax.random.key(seed), *inputs)["params"])
+  # Under jit: one compile, not one per initializer (eagerly, a tiny model's init compiled
+  # ~100 programs, most of a short test's time).
+  params = jax.jit(lambda key, *x: nn.meta.unbox(model.init(key, *x)["params"]))(
+      jax.random.key(seed), *inputs)
   return model, params
 
 

@@ -126,7 +126,8 @@ def _int8_case(m, n, k, seed):
   return _inputs(m, k, min(32, k // 2), seed), w, scale
 
 
-INT8_CASES = [(1, 37, 576, 0), (2, 9, 1536, 1), (5, 41, 96, 2), (9, 16, 32, 3), (16, 6, 160, 4)]
+INT8_CASES = [(1, 37, 576, 0), (2, 9, 1536, 1), (3, 23, 64, 5), (5, 41, 96, 2), (9, 16, 32, 3),
+              (16, 6, 160, 4)]
 
 
 @pytest.mark.parametrize("m,n,k,seed", INT8_CASES)
@@ -158,7 +159,8 @@ def test_int8_kernel_applies_to_per_output_scales_of_32s():
 
 
 FLOAT_CASES = [(1, 37, 576, "float32"), (1, 45, 48, "bfloat16"), (2, 9, 1536, "bfloat16"),
-               (5, 41, 48, "float32"), (9, 16, 16, "float32"), (16, 6, 160, "bfloat16")]
+               (5, 41, 48, "float32"), (6, 29, 64, "float32"), (7, 23, 32, "bfloat16"),
+               (9, 16, 16, "float32"), (16, 6, 160, "bfloat16")]
 
 
 def _float_case(m, n, k, dtype):

@@ -64,5 +64,6 @@ def tiny_config(tmp_path, algorithm="grpo", steps=6, **rl):
 def load_tiny(config, mesh, seed=0):
   """`(params, tokenizer)` of the tiny policy (the `load_policy` hook of `train.rl.run`)."""
   model = lmjax.CausalLM(config.model)
-  params = nn.meta.unbox(model.init(jax.random.key(seed), jnp.ones((1, 4), jnp.int32))["params"])
+  params = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.ones((1, 4), jnp.int32))["params"]))(
+      jax.random.key(seed))  # one compile, not one per initializer
   return params, CharTokenizer()

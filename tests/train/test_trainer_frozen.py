@@ -38,7 +38,7 @@ def _setup(mesh):
   frozen = Frozen(boxed, lambda t, f: {"policy": t, "reference": f})
   trainer = Trainer(model, _pull_loss, optax.sgd(0.5), mesh, init_inputs=(x,), global_batch=8,
                     frozen=frozen)
-  reference = nn.meta.unbox(model.init(jax.random.key(7), x)["params"])
+  reference = jax.jit(lambda k: nn.meta.unbox(model.init(k, x)["params"]))(jax.random.key(7))
   return model, trainer, reference
 
 

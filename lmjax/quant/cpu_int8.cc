@@ -14,9 +14,9 @@
 // |w| times the inputs with w's sign (vpmaddubsw cannot overflow then). The group's scale sx
 // multiplies its lanes in float32. AVX-512 VNNI: 64 weights per instruction; else 32. Each
 // weight row is read once for all M input rows; the rows are split between the calling thread
-// and XLA's intra-op threads (`lmjax_cpu::Split`, cpu_kernels.h). Up to four input rows
-// (decoding, small checks): each thread reads four parts of its share side by side, more rows
-// two (`lmjax_cpu::RowPasses`).
+// and XLA's intra-op threads (`lmjax_cpu::Split`, cpu_kernels.h). Each thread reads four
+// parts of its share side by side for one input row (decoding), with AVX-512 VNNI for up to
+// four rows too, and two for more (`lmjax_cpu::RowPasses`).
 
 #include <vector>
 
@@ -82,6 +82,7 @@ void RowBlock(const Job& j, int64_t n, int64_t m0, int64_t stride) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+constexpr bool kWide = true;
 // As RowBlock with 512-bit vectors (64 inputs: two groups) and a 256-bit tail of 32.
 template <int M, int R>
 void RowBlockWide(const Job& j, int64_t n, int64_t m0, int64_t stride) {
@@ -116,6 +117,7 @@ void RowBlockWide(const Job& j, int64_t n, int64_t m0, int64_t stride) {
           j.scale[n + q * stride] * (_mm512_reduce_add_ps(acc[q][r]) + tail[q][r]);
 }
 #else
+constexpr bool kWide = false;
 template <int M, int R>
 void RowBlockWide(const Job& j, int64_t n, int64_t m0, int64_t stride) {
   RowBlock<M, R>(j, n, m0, stride);
@@ -125,7 +127,8 @@ void RowBlockWide(const Job& j, int64_t n, int64_t m0, int64_t stride) {
 // Rows [n0, n1) of the weights against input rows [m0, m0 + M) (`lmjax_cpu::RowPasses`).
 template <int M>
 void Rows(const Job& j, int64_t n0, int64_t n1, int64_t m0) {
-  lmjax_cpu::RowPasses<M, M <= 3 ? 2 : 1, M <= 4 ? 4 : 2>(
+  // Streams measured with AVX-512 VNNI (32 registers); AVX2's 16 keep the earlier blocks.
+  lmjax_cpu::RowPasses<M, M <= 3 ? 2 : 1, kWide ? (M <= 4 ? 4 : 2) : 0>(
       n0, n1,
       [&](auto r, int64_t n, int64_t stride) {
         RowBlockWide<M, decltype(r)::value>(j, n, m0, stride);

@@ -28,8 +28,8 @@ def tiny(family: str = "causal", **overrides) -> lmjax.TransformerConfig:
 
 def init(cfg: lmjax.TransformerConfig, *inputs, seed: int = 0):
   model = lmjax.model_for(cfg)
-  # Under jit: one compile, not one per initializer (eagerly, a tiny model's init compiled
-  # ~100 programs, most of a short test's time).
+  # Under jit: one compile, not one per initializer (eager ops compile one by one: a test of
+  # test_model.py that inits two tiny models went from 12.4 to 8.8 s).
   params = jax.jit(lambda key, *x: nn.meta.unbox(model.init(key, *x)["params"]))(
       jax.random.key(seed), *inputs)
   return model, params

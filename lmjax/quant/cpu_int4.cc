@@ -58,7 +58,7 @@ inline __m256i Dot(__m256i acc, __m256i u, __m256i v) {  // acc += u8 x s8, 4 pe
 // R weight rows from n against input rows [m0, m0 + M); the group's two scales applied in
 // float32 to the 8 lanes of its integer dot product.
 template <int M, int R>
-void RowBlock(const Job& j, int64_t n, int64_t m0, int64_t stride = 1) {
+void RowBlock(const Job& j, int64_t n, int64_t m0, int64_t stride) {
   const int64_t half = j.k / 2, g2 = j.g / 2;
   const __m256i mask = _mm256_set1_epi8(15);
   __m256 acc[R][M];
@@ -112,7 +112,7 @@ inline __mmask16 Lanes(int64_t n) {  // the first n of 16 lanes
 // chunk's 32 low-half inputs, then its 32 high-half ones); the groups' combined scales
 // (scale * sx) are made 16 at a time per row before its dot products.
 template <int M, int R>
-void RowBlockWide(const Job& j, int64_t n, int64_t m0, int64_t stride = 1) {
+void RowBlockWide(const Job& j, int64_t n, int64_t m0, int64_t stride) {
   const int64_t half = j.k / 2, g2 = j.g / 2, per = j.gs / 32;  // chunks per group
   const __m512i mask = _mm512_set1_epi8(15);
   const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
@@ -172,7 +172,7 @@ void RowBlockWide(const Job& j, int64_t n, int64_t m0, int64_t stride = 1) {
 #else
 constexpr bool kWide = false;
 template <int M, int R>
-void RowBlockWide(const Job& j, int64_t n, int64_t m0, int64_t stride = 1) {
+void RowBlockWide(const Job& j, int64_t n, int64_t m0, int64_t stride) {
   RowBlock<M, R>(j, n, m0, stride);
 }
 #endif
